@@ -20,7 +20,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 LAB_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install lab notebooks test site bench clean
+.PHONY: help install lab notebooks test check-book screenshots site bench clean
 
 help:
 	@sed -n '2,5p' Makefile | sed 's/^# *//'
@@ -35,9 +35,10 @@ $(STAMP): pyproject.toml tools/jupyterlab/overrides.json
 
 install: $(STAMP)
 
-# Paired .ipynb copies of the chapters (git-ignored) for readers whose Jupyter lacks jupytext.
+# Paired .ipynb copies of the chapters (git-ignored, pairing in book/jupytext.toml) for readers
+# whose Jupyter lacks jupytext; --update keeps outputs saved there and never rewrites the .md.
 notebooks: $(STAMP)
-	$(BIN)/jupytext --quiet --sync $(CHAPTERS)
+	$(BIN)/jupytext --quiet --to ipynb --update $(CHAPTERS)
 
 lab: notebooks
 	$(BIN)/jupyter lab book/ --ip=127.0.0.1 $(ROOT_FLAG) $(LAB_ARGS)
@@ -53,8 +54,17 @@ test: $(STAMP)
 	LSGM_EDU_FAST=1 $(PY) -m pytest tests $(BUILD)/notebooks --nbval-lax \
 	  --durations=15 $(PYTEST_ARGS)
 
+# Offline: broken cross-references, citations, directives or roles fail (tests run it too).
+check-book: $(STAMP)
+	$(PY) tools/check_book.py
+
+# Each chapter opened in JupyterLab, run, and screenshotted in headless Chromium.
+screenshots: $(STAMP)
+	LSGM_EDU_FAST=1 $(PY) tools/screenshot_book.py --fast $(CHAPTERS)
+
+# jupyter book build --html --execute, with the fixes in tools/build_site.py (allow-root, cleanup)
 site: $(STAMP)
-	$(BIN)/jupyter book build --html --execute
+	$(PY) tools/build_site.py
 
 bench: $(STAMP)
 	@ls benchmarks/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }

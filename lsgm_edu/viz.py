@@ -187,7 +187,7 @@ def interactive(
     ncols: int | None = None,
     panel_size: tuple[float, float] = (3.2, 3.2),
     title: str | None = None,
-):
+) -> None:
     """Show a static figure of `plot_fn` panels, then (in a live kernel) a widget to explore it.
 
     plot_fn(ax, **params) draws one panel. controls: name -> ipywidgets widget, (min, max[, step])
@@ -226,12 +226,12 @@ def interactive(
     plt.close(fig)
 
     if not _in_kernel():
-        return None
+        return
     try:
         import ipywidgets as w
         from IPython.display import display
     except ImportError:
-        return None
+        return
     widgets = {name: _make_widget(name, spec) for name, spec in controls.items()}
 
     def draw(**params):
@@ -244,7 +244,7 @@ def interactive(
     out = w.interactive_output(draw, widgets)
     box = w.VBox([w.HBox(list(widgets.values()), layout=w.Layout(flex_flow="row wrap")), out])
     display(box)
-    return None
+    return
 
 
 def show_source(obj):
