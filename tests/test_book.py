@@ -28,6 +28,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
 CHAPTER1 = REPO / "book" / "01_scores_and_langevin.md"
+CHAPTERS = sorted((REPO / "book").glob("[0-9][0-9]_*.md"))
 SCREENSHOTS = REPO / ".build" / "screenshots"
 PYTHON = sys.executable  # the project's environment (.venv) when run by `make test`
 
@@ -217,29 +218,30 @@ def chromium_path() -> str | None:
 
 
 @pytest.mark.browser
-def test_chapter1_renders_in_jupyterlab():
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_chapter_renders_in_jupyterlab(chapter: Path):
     if chromium_path() is None:
         message = ("headless Chromium not found (/usr/bin/chromium or `chromium` on PATH); "
                    "install it with `apt-get install -y chromium`")
         if os.environ.get("CI", "").lower() not in ("", "0", "false"):
             pytest.fail(message + " -- CI must run the browser test")
         pytest.skip(message)
-    pytest.importorskip("playwright")
-    before = sha256(CHAPTER1)
+    before = sha256(chapter)
     res = subprocess.run(
-        [PYTHON, str(TOOLS / "screenshot_book.py"), str(CHAPTER1), "--outdir", str(SCREENSHOTS),
+        [PYTHON, str(TOOLS / "screenshot_book.py"), str(chapter), "--outdir", str(SCREENSHOTS),
          "--fast", "--timeout", "240"],
         check=False, capture_output=True, text=True, timeout=500, stdin=subprocess.DEVNULL,
         cwd=REPO)
     out = res.stdout + res.stderr
-    assert res.returncode == 0, f"chapter 1 failed in JupyterLab:\n{out}"
+    assert res.returncode == 0, f"{chapter.name} failed in JupyterLab:\n{out}"
     assert "all" in out and "checks passed" in out
-    assert sha256(CHAPTER1) == before, "running the chapter in JupyterLab modified the file"
+    assert sha256(chapter) == before, "running the chapter in JupyterLab modified the file"
 
     import matplotlib.image
 
-    shots = [SCREENSHOTS / "jupyterlab_chapter1_notebook.png",
-             *sorted(SCREENSHOTS.glob("offline_chapter1_rendered*.png"))]
+    tag = f"chapter{int(chapter.name[:2])}"
+    shots = [SCREENSHOTS / f"jupyterlab_{tag}_notebook.png",
+             *sorted(SCREENSHOTS.glob(f"offline_{tag}_rendered*.png"))]
     assert len(shots) >= 2, out
     for png in shots:
         assert png.is_file() and png.stat().st_size > 20_000, f"{png} missing or tiny"
