@@ -163,6 +163,66 @@ class GaussianMixture:
         r = torch.softmax(log_joint, dim=-1)
         return ((r / var).unsqueeze(-1) * diff).sum(-2)
 
+    # --- the mixture diffused by a scalar linear SDE (lsgm_edu.sde) --------------------------
+
+    def _diffused_log_joint(self, sde, x: torch.Tensor, t: torch.Tensor):
+        """log w_k + log N(x; alpha mu_k, (alpha^2 sigma_k^2 + sigma^2) I) [..., K] at times t.
+
+        t has shape x.shape[:-1]; also returns alpha mu_k - x [..., K, D] and the variances.
+        """
+        means, stds, weights = self._params_like(x)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError("GaussianMixture: t must be a floating-point torch.Tensor [B]")
+        if t.shape != x.shape[:-1]:
+            raise ValueError(
+                f"GaussianMixture: t must have shape [B] = {list(x.shape[:-1])} (one time per "
+                f"point of x with shape {tuple(x.shape)}), got {tuple(t.shape)}"
+            )
+        t = t.to(device=x.device, dtype=torch.promote_types(t.dtype, x.dtype))
+        alpha, sigma = (c.to(x.dtype).unsqueeze(-1) for c in sde.marginal_coefficients(t))
+        var = alpha.pow(2) * stds.pow(2) + sigma.pow(2)
+        diff = alpha.unsqueeze(-1) * means - x.unsqueeze(-2)
+        log_norm = -0.5 * self.dim * torch.log(2 * math.pi * var)
+        return torch.log(weights) + log_norm - 0.5 * diff.pow(2).sum(-1) / var, diff, var
+
+    @staticmethod
+    def _check_sde(sde, fn: str) -> None:
+        if not callable(getattr(sde, "marginal_coefficients", None)):
+            raise TypeError(
+                f"GaussianMixture.{fn}: sde must be a scalar linear SDE with "
+                f"marginal_coefficients(t) -> (alpha, sigma), e.g. lsgm_edu.sde.VPSDE(); got "
+                f"{type(sde).__name__}"
+            )
+
+    def log_prob_fn(self, sde) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Exact log p_t(x) [B] of the mixture diffused by `sde`, as a function (x, t).
+
+        p_t = sum_k w_k N(alpha(t) mu_k, (alpha(t)^2 sigma_k^2 + sigma(t)^2) I), with alpha, sigma
+        from sde.marginal_coefficients (Song et al. 2021, eq. 29): a Gaussian kernel maps each
+        Gaussian component to a Gaussian. x: [B, D], t: [B].
+        """
+        self._check_sde(sde, "log_prob_fn")
+
+        def log_prob_t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            log_joint, _, _ = self._diffused_log_joint(sde, x, t)
+            return torch.logsumexp(log_joint, dim=-1)
+
+        return log_prob_t
+
+    def score_fn(self, sde) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Exact score grad_x log p_t(x) (like x) of the diffused mixture, as a function (x, t).
+
+        = sum_k p_t(k | x) (alpha mu_k - x) / (alpha^2 sigma_k^2 + sigma^2); see `log_prob_fn`.
+        """
+        self._check_sde(sde, "score_fn")
+
+        def score_t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            log_joint, diff, var = self._diffused_log_joint(sde, x, t)
+            r = torch.softmax(log_joint, dim=-1)
+            return ((r / var).unsqueeze(-1) * diff).sum(-2)
+
+        return score_t
+
 
 # --- named 2-D datasets: f(n, generator=None, **params) -> [n, 2] float32 -----------------
 

@@ -1,0 +1,406 @@
+"""Score-matching objectives, loss weightings λ(t) and samplers of the diffusion time t.
+
+Every loss returns one value per sample, shape [B]; the caller reduces (mean, sum, or an
+importance-weighted mean). Weightings and time samplers are objects passed in, never flags:
+
+    t = sampler.sample(x0.shape[0], generator)                 # t ~ q(t) on [eps, T]
+    per_sample = denoising_score_matching(score_fn, sde, x0, t, weighting, generator)
+    loss = (sampler.weight(t) * per_sample).mean()             # estimates ∫_eps^T ℓ(t) dt
+
+`weight(t)` is 1 / q(t), so the importance-weighted mean is an unbiased estimate of the
+time integral ∫_eps^T E[ℓ(x, t)] dt whatever the sampler; with `UniformTimeSampler` it is the
+constant T - eps, i.e. the plain mean rescaled to the integral.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .utils import append_dims
+
+__all__ = [
+    "LikelihoodImportanceSampler",
+    "LikelihoodWeighting",
+    "SigmaSquaredWeighting",
+    "UniformTimeSampler",
+    "UnitWeighting",
+    "denoising_score_matching",
+    "explicit_score_matching",
+    "implicit_score_matching",
+    "sliced_score_matching",
+]
+
+_PROJECTIONS = ("rademacher", "gaussian")
+
+
+# --- input checks ------------------------------------------------------------------------
+
+
+def _check_data(x, fn: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"{fn}: x must be a floating-point torch.Tensor [B, ...], got {type(x)}")
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise ValueError(
+            f"{fn}: x must have a batch dimension and at least one data dimension [B, ...], got "
+            f"shape {tuple(x.shape)}; for 1-D data use x[:, None]"
+        )
+
+
+def _check_time(t, batch: int, fn: str) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise ValueError(f"{fn}: t must be a floating-point torch.Tensor [B], got {type(t)}")
+    if t.shape != (batch,):
+        raise ValueError(
+            f"{fn}: t must have shape [B] = [{batch}] (one time per sample), got {tuple(t.shape)}"
+        )
+
+
+def _check_like(s, x, fn: str, what: str = "the score model") -> None:
+    if not isinstance(s, torch.Tensor) or s.shape != x.shape:
+        shape = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)
+        raise ValueError(
+            f"{fn}: {what} must return a tensor shaped like x {tuple(x.shape)}, got {shape}"
+        )
+
+
+def _sum_per_sample(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).sum(1)
+
+
+def _diffusion(sde, t: torch.Tensor) -> torch.Tensor:
+    """g(t) [B] of a scalar linear SDE; the drift is evaluated on a dummy [B, 1] state."""
+    _, g = sde.sde(t.new_zeros(t.shape[0], 1), t)
+    return g
+
+
+def _std(sde, t: torch.Tensor) -> torch.Tensor:
+    _, sigma = sde.marginal_coefficients(t)
+    return sigma
+
+
+# --- score matching on data (no time) ---------------------------------------------------
+
+
+def explicit_score_matching(score_model: Callable, x: torch.Tensor, true_score) -> torch.Tensor:
+    """1/2 |s(x) - ∇log p(x)|^2 per sample [B] (Hyvärinen 2005, eq. 2).
+
+    `true_score` is a tensor shaped like x or a callable x -> like x (e.g. `gmm.score`).
+    """
+    fn = "explicit_score_matching"
+    _check_data(x, fn)
+    s = score_model(x)
+    _check_like(s, x, fn)
+    target = true_score(x) if callable(true_score) else true_score
+    _check_like(target, x, fn, "true_score")
+    return 0.5 * _sum_per_sample((s - target).pow(2))
+
+
+def _grad_enabled_input(x: torch.Tensor) -> torch.Tensor:
+    return x if x.requires_grad else x.detach().requires_grad_(True)
+
+
+def _vjp(out: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """∇_x out.sum(), zeros where out does not depend on x."""
+    if not out.requires_grad:
+        return torch.zeros_like(x)
+    (g,) = torch.autograd.grad(
+        out.sum(), x, create_graph=create_graph, retain_graph=True, allow_unused=True
+    )
+    return torch.zeros_like(x) if g is None else g
+
+
+def implicit_score_matching(score_model: Callable, x: torch.Tensor) -> torch.Tensor:
+    """tr(∇_x s(x)) + 1/2 |s(x)|^2 per sample [B] (Hyvärinen 2005, eq. 4).
+
+    Equals the explicit loss minus 1/2 E|∇log p|^2 in expectation, a constant of the data. The
+    trace is exact: one backward pass per data dimension (use `sliced_score_matching` in high
+    dimension). Samples must not interact inside `score_model` (no batch norm). Under
+    `torch.no_grad()` the value is computed and returned detached; otherwise the graph is kept
+    so the loss trains the model.
+    """
+    fn = "implicit_score_matching"
+    _check_data(x, fn)
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        xg = _grad_enabled_input(x)
+        s = score_model(xg)
+        _check_like(s, x, fn)
+        s_flat = s.flatten(1)
+        trace = torch.zeros(x.shape[0], dtype=s.dtype, device=s.device)
+        for i in range(s_flat.shape[1]):
+            trace = trace + _vjp(s_flat[:, i], xg, create_graph).flatten(1)[:, i]
+        loss = trace + 0.5 * s_flat.pow(2).sum(1)
+    return loss if create_graph else loss.detach()
+
+
+def _draw_projection(x: torch.Tensor, kind: str, generator) -> torch.Tensor:
+    if kind == "rademacher":
+        v = torch.randint(0, 2, x.shape, generator=generator, device=x.device)
+        return v.to(x.dtype) * 2 - 1
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def sliced_score_matching(
+    score_model: Callable,
+    x: torch.Tensor,
+    n_projections: int = 1,
+    variance_reduced: bool = True,
+    generator: torch.Generator | None = None,
+    *,
+    projection: str = "rademacher",
+) -> torch.Tensor:
+    """Sliced score matching per sample [B] (Song, Garg, Shi & Ermon 2019, eqs. 7-8).
+
+    v^T ∇_x s(x) v + 1/2 (v^T s(x))^2 averaged over `n_projections` directions v with
+    E[v v^T] = I (`projection`: "rademacher" or "gaussian", drawn from `generator`). With
+    `variance_reduced=True` (SSM-VR, eq. 8) the second term is replaced by its expectation
+    1/2 |s(x)|^2. Both are unbiased for `implicit_score_matching`; each projection costs one
+    backward pass instead of one per dimension.
+    """
+    fn = "sliced_score_matching"
+    _check_data(x, fn)
+    if isinstance(n_projections, bool) or not isinstance(n_projections, int) or n_projections < 1:
+        raise ValueError(f"{fn}: n_projections must be an int >= 1, got {n_projections!r}")
+    if projection not in _PROJECTIONS:
+        raise ValueError(f"{fn}: projection must be one of {_PROJECTIONS}, got {projection!r}")
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        xg = _grad_enabled_input(x)
+        s = score_model(xg)
+        _check_like(s, x, fn)
+        total = torch.zeros(x.shape[0], dtype=s.dtype, device=s.device)
+        for _ in range(n_projections):
+            v = _draw_projection(x, projection, generator)
+            sv = _sum_per_sample(s * v)  # v^T s
+            jv = _vjp(sv, xg, create_graph)  # ∇_x (v^T s) = J^T v
+            total = total + _sum_per_sample(v * jv)  # v^T J v
+            if not variance_reduced:
+                total = total + 0.5 * sv.pow(2)
+        loss = total / n_projections
+        if variance_reduced:
+            loss = loss + 0.5 * _sum_per_sample(s.pow(2))
+    return loss if create_graph else loss.detach()
+
+
+# --- weightings λ(t): callables (sde, t [B]) -> [B] ---------------------------------------
+
+
+class UnitWeighting:
+    """λ(t) = 1."""
+
+    def __call__(self, sde, t: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(t)
+
+    def __repr__(self) -> str:
+        return "UnitWeighting()"
+
+
+class SigmaSquaredWeighting:
+    """λ(t) = σ_t^2, the "reweighted" loss of Song et al. 2021 (eq. 7 with λ ∝ 1/E|∇log p_0t|^2).
+
+    With an ε-parameterized score s = -ε̂/σ_t, the DSM loss becomes 1/2 |ε̂ - ε|^2 (Ho et al.
+    2020's simple loss).
+    """
+
+    def __call__(self, sde, t: torch.Tensor) -> torch.Tensor:
+        return _std(sde, t).pow(2)
+
+    def __repr__(self) -> str:
+        return "SigmaSquaredWeighting()"
+
+
+class LikelihoodWeighting:
+    """λ(t) = g(t)^2: DSM integrated over t bounds the negative log-likelihood.
+
+    Song, Durkan, Murray & Ermon 2021 ("Maximum likelihood training of score-based diffusion
+    models"), Theorem 1 / eq. 10; pair with `LikelihoodImportanceSampler` to cut its variance.
+    """
+
+    def __call__(self, sde, t: torch.Tensor) -> torch.Tensor:
+        return _diffusion(sde, t).pow(2)
+
+    def __repr__(self) -> str:
+        return "LikelihoodWeighting()"
+
+
+# --- denoising score matching -------------------------------------------------------------
+
+
+def denoising_score_matching(
+    score_fn: Callable,
+    sde,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    weighting: Callable,
+    generator: torch.Generator | None = None,
+    *,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """1/2 λ(t) |s(x_t, t) + z / σ_t|^2 per sample [B], x_t = α_t x0 + σ_t z, z ~ N(0, I).
+
+    Vincent 2011; Song et al. 2021, eq. 7 (∇ log p_0t(x_t | x0) = -z / σ_t). `weighting` is a
+    callable (sde, t) -> λ(t) [B]; `noise` fixes z (drawn from `generator` otherwise).
+    """
+    fn = "denoising_score_matching"
+    _check_data(x0, fn)
+    _check_time(t, x0.shape[0], fn)
+    if not callable(weighting):
+        raise TypeError(
+            f"{fn}: weighting must be a callable (sde, t) -> [B], e.g. SigmaSquaredWeighting(), "
+            f"got {weighting!r}"
+        )
+    if noise is None:
+        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    else:
+        _check_like(noise, x0, fn, "noise")
+        z = noise
+    mean, std = sde.marginal_prob(x0, t)
+    std = append_dims(std, x0.ndim)
+    s = score_fn(mean + std * z, t)
+    _check_like(s, x0, fn, "score_fn")
+    lam = weighting(sde, t)
+    if not isinstance(lam, torch.Tensor) or lam.shape != t.shape:
+        raise ValueError(f"{fn}: weighting must return a tensor [B] = [{t.shape[0]}]")
+    return 0.5 * lam * _sum_per_sample((s + z / std).pow(2))
+
+
+# --- samplers of t: .sample(n, generator) -> t [B], .weight(t) = 1 / q(t) ------------------
+
+
+def _check_interval(eps: float, T: float, who: str) -> tuple[float, float]:
+    eps, T = float(eps), float(T)
+    if not (0.0 <= eps < T) or not torch.isfinite(torch.tensor(T)):
+        raise ValueError(f"{who}: need 0 <= eps < T (finite), got eps={eps}, T={T}")
+    return eps, T
+
+
+def _sample_device_dtype(generator, device, dtype):
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    return torch.device(device), dtype or torch.get_default_dtype()
+
+
+def _check_n(n, who: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{who}: n must be an int >= 1, got {n!r}")
+    return n
+
+
+class UniformTimeSampler:
+    """t ~ U[eps, T]; weight(t) = T - eps (= 1 / q(t)).
+
+    eps > 0 keeps t away from 0, where the DSM target z/σ_t blows up (Song et al. 2021 use
+    eps = 1e-5 for training).
+    """
+
+    def __init__(self, eps: float = 1e-5, T: float = 1.0):
+        self.eps, self.T = _check_interval(eps, T, "UniformTimeSampler")
+
+    def sample(self, n: int, generator: torch.Generator | None = None, *, device=None, dtype=None):
+        """n times [n] uniform on [eps, T]."""
+        _check_n(n, "UniformTimeSampler.sample")
+        device, dtype = _sample_device_dtype(generator, device, dtype)
+        u = torch.rand(n, generator=generator, device=device, dtype=dtype)
+        return self.eps + (self.T - self.eps) * u
+
+    def density(self, t: torch.Tensor) -> torch.Tensor:
+        """q(t) = 1 / (T - eps)."""
+        return torch.full_like(t, 1.0 / (self.T - self.eps))
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """1 / q(t) = T - eps: E_q[weight(t) ℓ(t)] = ∫_eps^T ℓ(t) dt."""
+        return torch.full_like(t, self.T - self.eps)
+
+    def __repr__(self) -> str:
+        return f"UniformTimeSampler(eps={self.eps}, T={self.T})"
+
+
+class LikelihoodImportanceSampler:
+    """t ~ q(t) ∝ g(t)^2 / σ_t^2 on [eps, T], drawn exactly by inverting the CDF.
+
+    Song, Durkan, Murray & Ermon 2021, Sec. 5 (importance sampling for likelihood weighting);
+    LSGM (Vahdat et al. 2021), App. ("variance reduction"). For every scalar linear SDE whose
+    marginal variance obeys dσ^2/dt = 2 f σ^2 + g^2 (VP, sub-VP, VE),
+
+        g(t)^2 / σ_t^2 = d/dt log(σ_t^2 / α_t^2),
+
+    the derivative of minus the log-SNR. So the CDF is Q(t) = (F(t) - F(eps)) / Z with
+    F = log(σ^2 / α^2) and Z = F(T) - F(eps) = ∫_eps^T g^2/σ^2 dt (`normalizer`), for any of
+    them; sampling solves Q(t) = u by bisection in float64 (to machine precision; for the VP SDE
+    it matches the closed form t = (-β0 + sqrt(β0^2 + 2(β1-β0) log(1 + e^F))) / (β1-β0)).
+
+    weight(t) = 1 / q(t) = Z σ_t^2 / g(t)^2, so E_q[weight(t) ℓ(t)] = ∫_eps^T ℓ(t) dt. With
+    `LikelihoodWeighting` the product weight(t) λ(t) = Z σ_t^2: the likelihood-weighted loss
+    becomes Z times the σ^2-weighted (ε) loss at IS-drawn times, which has far lower variance.
+    """
+
+    _BISECTION_STEPS = 64  # halves [eps, T] below float64 resolution
+
+    def __init__(self, sde, eps: float = 1e-5, T: float | None = None):
+        self.sde = sde
+        self.eps, self.T = _check_interval(
+            eps, sde.T if T is None else T, "LikelihoodImportanceSampler"
+        )
+        ends = torch.tensor([self.eps, self.T], dtype=torch.float64)
+        f_lo, f_hi = self.neg_log_snr(ends).tolist()
+        self._f_lo, self.normalizer = f_lo, f_hi - f_lo
+        if not (torch.isfinite(torch.tensor([f_lo, f_hi])).all() and self.normalizer > 0):
+            raise ValueError(
+                f"LikelihoodImportanceSampler: log(σ^2/α^2) must be finite and increasing on "
+                f"[eps, T] = [{self.eps}, {self.T}], got {f_lo} .. {f_hi}; use eps > 0"
+            )
+        self._check_identity()
+
+    def neg_log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        """F(t) = log(σ_t^2 / α_t^2), an antiderivative of g^2 / σ^2."""
+        alpha, sigma = self.sde.marginal_coefficients(t)
+        return 2.0 * (torch.log(sigma) - torch.log(alpha))
+
+    def _check_identity(self) -> None:
+        """Refuse an SDE for which dF/dt = g^2/σ^2 fails (its σ does not solve the SDE)."""
+        t = torch.linspace(self.eps, self.T, 7, dtype=torch.float64)[1:-1]
+        h = 1e-6 * (self.T - self.eps)
+        dfdt = (self.neg_log_snr(t + h) - self.neg_log_snr(t - h)) / (2 * h)
+        ratio = _diffusion(self.sde, t).pow(2) / _std(self.sde, t).pow(2)
+        if not torch.allclose(dfdt, ratio, rtol=1e-4, atol=0.0):
+            raise ValueError(
+                "LikelihoodImportanceSampler: g(t)^2/σ_t^2 is not d/dt log(σ_t^2/α_t^2) for this "
+                "SDE (its marginal std does not solve dσ^2/dt = 2fσ^2 + g^2)"
+            )
+
+    def cdf(self, t: torch.Tensor) -> torch.Tensor:
+        """Q(t) = ∫_eps^t q, computed in float64 and returned in t's dtype."""
+        t64 = t.to(torch.float64)
+        return ((self.neg_log_snr(t64) - self._f_lo) / self.normalizer).to(t.dtype)
+
+    def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        """The t in [eps, T] with Q(t) = u, by float64 bisection; returned in u's dtype."""
+        target = self._f_lo + self.normalizer * u.to(torch.float64)
+        lo = torch.full_like(target, self.eps)
+        hi = torch.full_like(target, self.T)
+        for _ in range(self._BISECTION_STEPS):
+            mid = 0.5 * (lo + hi)
+            below = self.neg_log_snr(mid) < target
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+        return (0.5 * (lo + hi)).to(u.dtype)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, *, device=None, dtype=None):
+        """n times [n] from q(t) ∝ g^2/σ^2 (inverse CDF of float64 uniforms)."""
+        _check_n(n, "LikelihoodImportanceSampler.sample")
+        device, dtype = _sample_device_dtype(generator, device, dtype)
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        return self.icdf(u).to(dtype)
+
+    def density(self, t: torch.Tensor) -> torch.Tensor:
+        """q(t) = g(t)^2 / (σ_t^2 Z)."""
+        return _diffusion(self.sde, t).pow(2) / (_std(self.sde, t).pow(2) * self.normalizer)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """1 / q(t) = Z σ_t^2 / g(t)^2: E_q[weight(t) ℓ(t)] = ∫_eps^T ℓ(t) dt."""
+        return self.normalizer * _std(self.sde, t).pow(2) / _diffusion(self.sde, t).pow(2)
+
+    def __repr__(self) -> str:
+        return f"LikelihoodImportanceSampler({self.sde!r}, eps={self.eps}, T={self.T})"
