@@ -1,4 +1,6 @@
-"""MCMC samplers driven by a score: unadjusted Langevin (ULA) and Metropolis-adjusted Langevin.
+"""Samplers driven by a score: Langevin MCMC (ULA, MALA), annealed Langevin (NCSN), and the
+reverse-time SDE and probability-flow ODE samplers of Song et al. 2021 (Euler-Maruyama,
+predictor-corrector, torchdiffeq ODE solves).
 
 Convention used throughout the package: one Langevin step is
 
@@ -18,11 +20,26 @@ import math
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import trange
+from tqdm.auto import tqdm, trange
 
 from .utils import append_dims
 
-__all__ = ["ChainRecorder", "langevin", "langevin_log_proposal", "langevin_proposal", "mala"]
+__all__ = [
+    "ChainRecorder",
+    "annealed_langevin",
+    "euler_maruyama",
+    "euler_maruyama_step",
+    "langevin",
+    "langevin_corrector_step",
+    "langevin_log_proposal",
+    "langevin_proposal",
+    "mala",
+    "predictor_corrector",
+    "probability_flow",
+    "reverse_diffusion_step",
+    "reverse_time_grid",
+    "solve_probability_flow",
+]
 
 
 def _check_args(fn: str, x0, step_size, n_steps) -> float:
@@ -173,3 +190,390 @@ class ChainRecorder:
                 "accept/reject step (mala) report 'accepted' (langevin moves every step)"
             )
         return torch.cat([a.flatten() for a in self.accepted]).float().mean().item()
+
+
+# --- reverse-time SDE samplers, probability-flow ODE and annealed Langevin -----------------
+#
+# The samplers below run the reverse-time SDE (Song et al. 2021, eq. 6) or the probability-flow
+# ODE (eq. 13) of a forward SDE from `lsgm_edu.sde` from T down to 0, driven by a time-dependent
+# score_fn(x, t) -> like x with t a tensor [B]. Their callback receives
+# {"i": step, "t": time reached (float), "x": state, "x_mean": state without the step's noise}.
+
+_ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
+_FIXED_METHODS = ("euler", "midpoint", "rk4")
+
+
+def _check_steps(fn: str, steps, name: str = "steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{fn}: {name} must be an int >= 1, got {steps!r}")
+    return steps
+
+
+def _check_shape(fn: str, shape) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{fn}: shape must be a sequence of ints [B, ...], got {shape!r}"
+        ) from None
+    if len(shape) < 1 or any(s < 1 for s in shape):
+        raise ValueError(f"{fn}: shape must be a non-empty sequence of ints >= 1, got {shape}")
+    return shape
+
+
+def _check_eps(fn: str, sde, eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < sde.T:
+        raise ValueError(f"{fn}: eps must be a float in (0, T) = (0, {sde.T}), got {eps!r}")
+    return float(eps)
+
+
+def reverse_time_grid(T: float, eps: float, steps: int) -> list[float]:
+    """The `steps` evaluation times linspace(T, eps, steps), then 0: steps + 1 floats.
+
+    Built in float64 (the reference's grid, Song et al. 2021): step i evaluates the score at
+    grid[i] and moves the state to grid[i + 1]; the last step goes from eps to 0 and is the
+    denoising step (its noise is dropped when denoise=True).
+    """
+    grid = torch.linspace(T, eps, steps, dtype=torch.float64).tolist()
+    return grid + [0.0]
+
+
+def _per_sample(t: float, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+
+
+def euler_maruyama_step(rsde, x, t, dt, generator=None):
+    """x_mean = x + drift dt, x = x_mean + g sqrt(-dt) z for dt < 0 (Song et al. 2021, App. E).
+
+    rsde: `sde.reverse(score_fn)`; t: [B]; dt: float. Returns (x, x_mean).
+    """
+    drift, diffusion = rsde.sde(x, t)
+    x_mean = x + drift * dt
+    noise = append_dims(diffusion, x.ndim) * math.sqrt(-dt)
+    return x_mean + noise * _gaussian_noise(x, generator), x_mean
+
+
+def reverse_diffusion_step(rsde, x, t, dt=None, generator=None):
+    """x_mean = x - f_rev, x = x_mean + G_rev z: the reverse of the forward chain `discretize`.
+
+    Song et al. 2021, eq. (46) (Algorithms 2-3 predictor); the step is the SDE's own N-step
+    chain, so `dt` is unused (kept for the same signature as `euler_maruyama_step`).
+    """
+    f, G = rsde.discretize(x, t)
+    x_mean = x - f
+    return x_mean + append_dims(G, x.ndim) * _gaussian_noise(x, generator), x_mean
+
+
+def langevin_corrector_step(score_fn, x, t, snr, alpha=1.0, generator=None):
+    """One Langevin corrector step with the step size set by a target signal-to-noise ratio.
+
+    eps = 2 alpha (snr |z| / |s|)^2, x_mean = x + eps s, x = x_mean + sqrt(2 eps) z (Song et al.
+    2021, Algorithms 4-5). As in the reference code, |z| and |s| are per-sample norms averaged
+    over the batch, so the whole batch shares one step size; alpha: float or [B]. Returns
+    (x, x_mean).
+    """
+    score = score_fn(x, t)
+    z = _gaussian_noise(x, generator)
+    score_norm = score.reshape(score.shape[0], -1).norm(dim=-1).mean()
+    noise_norm = z.reshape(z.shape[0], -1).norm(dim=-1).mean()
+    # An all-zero score (every x at a stationary point) would give an infinite step: no step.
+    ratio = noise_norm / score_norm
+    step = torch.where(score_norm > 0, 2 * alpha * (snr * ratio) ** 2, 0.0)
+    step = append_dims(torch.as_tensor(step, device=x.device, dtype=x.dtype), x.ndim)
+    x_mean = x + step * score
+    return x_mean + torch.sqrt(2 * step) * z, x_mean
+
+
+_PREDICTORS = {"euler_maruyama": euler_maruyama_step, "reverse_diffusion": reverse_diffusion_step}
+
+
+@torch.no_grad()
+def predictor_corrector(
+    sde,
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shape,
+    steps: int = 1000,
+    snr: float = 0.16,
+    n_corrector: int = 1,
+    *,
+    predictor: str = "reverse_diffusion",
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+    device=None,
+    dtype: torch.dtype | None = None,
+    denoise: bool = True,
+) -> torch.Tensor:
+    """Predictor-corrector sampling (Song et al. 2021, Algorithms 2-3, correctors Algs. 4-5).
+
+    x_T ~ prior; at each time of `reverse_time_grid(T, eps, steps)`, `n_corrector` Langevin
+    corrector steps at that time, then one predictor step to the next time: "reverse_diffusion"
+    (the SDE's discretize chain: needs steps == sde.N) or "euler_maruyama". n_corrector=0 is
+    the predictor alone. The corrector's alpha is (alpha(t_i) / alpha(t_{i+1}))^2, DDPM's
+    1 - beta_i for VP and sub-VP and 1 for VE. Returns the last predictor step's x_mean
+    (denoise=True, as the reference) or its x. shape: [B, ...]; device/dtype of the samples.
+    """
+    fn = "predictor_corrector"
+    steps = _check_steps(fn, steps)
+    shape, eps = _check_shape(fn, shape), _check_eps(fn, sde, eps)
+    if predictor not in _PREDICTORS:
+        raise ValueError(
+            f"{fn}: unknown predictor {predictor!r}; choose one of {sorted(_PREDICTORS)}"
+        )
+    if isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or n_corrector < 0:
+        raise ValueError(f"{fn}: n_corrector must be an int >= 0, got {n_corrector!r}")
+    if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not 0 < snr < math.inf:
+        raise ValueError(f"{fn}: snr must be a finite float > 0, got {snr!r}")
+    if predictor == "reverse_diffusion" and steps != sde.N:
+        raise ValueError(
+            f"{fn}: the reverse_diffusion predictor runs the SDE's own {sde.N}-step chain "
+            f"(sde.discretize), so steps must equal sde.N = {sde.N}, got {steps}; build the SDE "
+            f"with N={steps} or use predictor='euler_maruyama'"
+        )
+    predictor_step = _PREDICTORS[predictor]
+    rsde = sde.reverse(score_fn)
+    x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
+    grid = reverse_time_grid(sde.T, eps, steps)
+    for i in trange(steps, disable=not progress, desc=fn):
+        t, t_next = _per_sample(grid[i], x), _per_sample(grid[i + 1], x)
+        if n_corrector:
+            alpha = (sde.marginal_coefficients(t)[0] / sde.marginal_coefficients(t_next)[0]) ** 2
+            for _ in range(n_corrector):
+                x, _ = langevin_corrector_step(score_fn, x, t, snr, alpha, generator)
+        x, x_mean = predictor_step(rsde, x, t, grid[i + 1] - grid[i], generator)
+        if callback is not None:
+            callback({"i": i, "t": grid[i + 1], "x": x, "x_mean": x_mean})
+    return x_mean if denoise else x
+
+
+@torch.no_grad()
+def euler_maruyama(
+    sde,
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shape,
+    steps: int = 1000,
+    *,
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+    device=None,
+    dtype: torch.dtype | None = None,
+    denoise: bool = True,
+) -> torch.Tensor:
+    """Euler-Maruyama on the reverse-time SDE dx = [f - g^2 s] dt + g dW-bar (Song et al. 2021,
+    eq. 6), from x_T ~ prior over `reverse_time_grid(T, eps, steps)`.
+
+    The predictor-only sampler: `predictor_corrector` with predictor="euler_maruyama" and no
+    corrector. Returns the last step's x_mean when denoise=True (as the reference).
+    """
+    return predictor_corrector(
+        sde, score_fn, shape, steps, n_corrector=0, predictor="euler_maruyama", eps=eps,
+        generator=generator, callback=callback, progress=progress, device=device, dtype=dtype,
+        denoise=denoise,
+    )  # fmt: skip
+
+
+class _ProbabilityFlowODE:
+    """dx/dt = f - 1/2 g^2 s as a torchdiffeq function; counts evaluations and reports steps.
+
+    torchdiffeq's step hooks see the state at the start of each step, so step k is reported when
+    step k + 1 starts, and the last one after the solve.
+    """
+
+    def __init__(self, rsde, n_rows, callback=None, bar=None):
+        self.rsde, self.n_rows, self.callback, self.bar = rsde, n_rows, callback, bar
+        self.nfe, self.step, self.started = 0, 0, False
+
+    def __call__(self, t, x):
+        self.nfe += 1
+        return self.rsde.sde(x, t.expand(self.n_rows).to(x.dtype))[0]
+
+    def _report(self, t, x):
+        if self.callback is not None:
+            self.callback({"i": self.step, "t": float(t), "x": x, "x_mean": x})
+        if self.bar is not None:
+            self.bar.update(1)
+        self.step += 1
+
+    def _step_started(self, t0, y0, dt):
+        if self.started:  # the state at the start of a step is the previous step's result
+            self._report(t0, y0)
+        self.started = True
+
+    def solve(self, x, t_start, t_end, method, rtol, atol, steps):
+        from torchdiffeq import odeint  # imported here: only the ODE samplers need it
+
+        # torchdiffeq calls the hook it finds: once per step on a fixed grid, once per accepted
+        # step for adaptive methods (callback_step there would also see rejected attempts).
+        if steps is None:
+            self.callback_accept_step = self._step_started
+        else:
+            self.callback_step = self._step_started
+        n = 2 if steps is None else steps + 1
+        t_dtype = torch.float32 if x.device.type == "mps" else torch.float64
+        t = torch.linspace(t_start, t_end, n, dtype=t_dtype, device=x.device)
+        out = odeint(self, x, t, rtol=rtol, atol=atol, method=method)[-1]
+        self._report(t_end, out)
+        return out
+
+
+def _check_ode_args(fn: str, method, steps):
+    if method in _ADAPTIVE_METHODS:
+        if steps is not None:
+            raise ValueError(
+                f"{fn}: steps is only for the fixed-step methods {_FIXED_METHODS}; the adaptive "
+                f"method {method!r} picks its own steps from rtol/atol"
+            )
+    elif method in _FIXED_METHODS:
+        if steps is None:
+            raise ValueError(f"{fn}: the fixed-step method {method!r} needs steps (an int >= 1)")
+        _check_steps(fn, steps)
+    else:
+        raise ValueError(
+            f"{fn}: unknown method {method!r}; choose an adaptive one {_ADAPTIVE_METHODS} or a "
+            f"fixed-step one {_FIXED_METHODS}"
+        )
+
+
+def solve_probability_flow(
+    sde,
+    score_fn,
+    x: torch.Tensor,
+    t_start: float,
+    t_end: float,
+    *,
+    method: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    steps: int | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """Integrate the probability-flow ODE dx/dt = f - 1/2 g^2 s (Song et al. 2021, eq. 13) from
+    t_start to t_end with torchdiffeq; returns (x(t_end), number of score evaluations).
+
+    Adaptive methods use rtol/atol; fixed-step ones take `steps` equal steps. Time is float64.
+    """
+    _check_ode_args("solve_probability_flow", method, steps)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
+        raise ValueError("solve_probability_flow: x must be a floating-point tensor [B, ...]")
+    rsde = sde.reverse(score_fn, probability_flow=True)
+    with tqdm(total=steps, disable=not progress, desc="probability_flow") as bar:
+        ode = _ProbabilityFlowODE(rsde, x.shape[0], callback, bar)
+        out = ode.solve(x, float(t_start), float(t_end), method, rtol, atol, steps)
+    return out, ode.nfe
+
+
+@torch.no_grad()
+def probability_flow(
+    sde,
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shape,
+    method: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    *,
+    eps: float = 1e-3,
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+    z: torch.Tensor | None = None,
+    return_nfe: bool = False,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+    device=None,
+    dtype: torch.dtype | None = None,
+    denoise: bool = False,
+):
+    """Sample by solving the probability-flow ODE (Song et al. 2021, eq. 13) from T to eps.
+
+    x_T ~ prior (or `z`, which then sets shape, device and dtype) is carried deterministically
+    by torchdiffeq's `method`: adaptive ("dopri5", ...) with rtol/atol, or fixed-step
+    ("euler", "midpoint", "rk4") with `steps`. denoise=True adds the reference's final
+    reverse-diffusion mean step at eps (one more score evaluation). Returns x, or (x, nfe) with
+    return_nfe=True; nfe counts score evaluations. The callback gets one call per solver step.
+    """
+    fn = "probability_flow"
+    _check_ode_args(fn, method, steps)
+    eps = _check_eps(fn, sde, eps)
+    if z is None:
+        z = sde.prior_sampling(
+            _check_shape(fn, shape), generator=generator, device=device, dtype=dtype
+        )
+    elif not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.ndim < 1:
+        raise ValueError(f"{fn}: z must be a floating-point tensor [B, ...] (a prior draw)")
+    elif shape is not None and tuple(shape) != tuple(z.shape):
+        raise ValueError(f"{fn}: z has shape {tuple(z.shape)} but shape={tuple(shape)}")
+    x, nfe = solve_probability_flow(
+        sde, score_fn, z, sde.T, eps, method=method, rtol=rtol, atol=atol, steps=steps,
+        callback=callback, progress=progress,
+    )  # fmt: skip
+    if denoise:
+        _, x = reverse_diffusion_step(sde.reverse(score_fn), x, _per_sample(eps, x))
+        nfe += 1
+    return (x, nfe) if return_nfe else x
+
+
+@torch.no_grad()
+def annealed_langevin(
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sigmas,
+    shape,
+    n_steps_each: int = 100,
+    step_lr: float = 2e-5,
+    *,
+    x0: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+    device=None,
+    dtype: torch.dtype | None = None,
+    denoise: bool = True,
+) -> torch.Tensor:
+    """Annealed Langevin dynamics (NCSN; Song & Ermon 2019, Algorithm 1).
+
+    For each noise level sigma_i of the decreasing `sigmas`, n_steps_each steps of
+    x <- x + alpha_i / 2 s(x, sigma_i) + sqrt(alpha_i) z with alpha_i = step_lr sigma_i^2 /
+    sigma_L^2 (alpha_i = 2 eps in this module's Langevin convention). score_fn(x, sigma) takes
+    sigma [B]. Starts from x0, or from N(0, sigma_1^2 I) (the VE prior). The callback gets
+    {"i", "sigma", "x", "x_mean"}, i counting all steps; denoise=True returns the last x_mean.
+    """
+    fn = "annealed_langevin"
+    n_steps_each = _check_steps(fn, n_steps_each, "n_steps_each")
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    if (
+        len(sigmas) < 1
+        or not bool(torch.all(sigmas > 0))
+        or not bool(torch.all(sigmas[1:] < sigmas[:-1]))
+    ):
+        raise ValueError(
+            f"{fn}: sigmas must be positive and strictly decreasing, got {sigmas.tolist()}"
+        )
+    if (
+        isinstance(step_lr, bool)
+        or not isinstance(step_lr, (int, float))
+        or not 0 < step_lr < math.inf
+    ):
+        raise ValueError(f"{fn}: step_lr must be a finite float > 0, got {step_lr!r}")
+    if x0 is None:
+        x = sigmas[0].item() * torch.randn(
+            _check_shape(fn, shape), generator=generator, device=device, dtype=dtype
+        )
+    elif not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.ndim < 1:
+        raise ValueError(f"{fn}: x0 must be a floating-point tensor [B, ...]")
+    else:
+        x = x0
+    x_mean = x
+    with tqdm(total=len(sigmas) * n_steps_each, disable=not progress, desc=fn) as bar:
+        for level, sigma in enumerate(sigmas.tolist()):
+            step_size = 0.5 * step_lr * (sigma / sigmas[-1].item()) ** 2  # eps = alpha_i / 2
+            s = _per_sample(sigma, x)
+            for j in range(n_steps_each):
+                x_mean = x + step_size * score_fn(x, s)
+                x = x_mean + math.sqrt(2 * step_size) * _gaussian_noise(x, generator)
+                if callback is not None:
+                    i = level * n_steps_each + j
+                    callback({"i": i, "sigma": sigma, "x": x, "x_mean": x_mean})
+                bar.update(1)
+    return x_mean if denoise else x
