@@ -46,7 +46,7 @@ lab: notebooks
 # Chapters run as notebooks under nbval in fast mode; per-notebook times go to
 # $(BUILD)/notebook-durations.md. pytest exits non-zero when it collects nothing.
 test: $(STAMP)
-	$(BIN)/ruff check lsgm_edu tests tools conftest.py
+	$(BIN)/ruff check lsgm_edu tests tools benchmarks conftest.py
 	rm -rf $(BUILD)/notebooks && mkdir -p $(BUILD)/notebooks
 	for f in $(CHAPTERS); do \
 	  $(BIN)/jupytext --quiet --to ipynb -o $(BUILD)/notebooks/$$(basename $${f%.md}).ipynb $$f || exit 1; \

@@ -414,7 +414,10 @@ class _ProbabilityFlowODE:
         n = 2 if steps is None else steps + 1
         t_dtype = torch.float32 if x.device.type == "mps" else torch.float64
         t = torch.linspace(t_start, t_end, n, dtype=t_dtype, device=x.device)
-        out = odeint(self, x, t, rtol=rtol, atol=atol, method=method)[-1]
+        # Adaptive solvers otherwise step past t_end and interpolate back: a model evaluated at
+        # t < eps (sigma(t) -> 0, an eps-network divided by sigma) turns the solve into inf/NaN.
+        options = {"step_t": t[-1:]} if steps is None else None
+        out = odeint(self, x, t, rtol=rtol, atol=atol, method=method, options=options)[-1]
         self._report(t_end, out)
         return out
 

@@ -311,3 +311,19 @@ def test_bad_arguments_raise_value_errors(call, match):
     gmm, sde = target_gmm(), VPSDE(N=STEPS)
     with pytest.raises(ValueError, match=match):
         call(sde, gmm.score_fn(sde))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "adaptive_heun"])
+def test_adaptive_probability_flow_never_evaluates_outside_its_time_range(method):
+    """Adaptive solvers must not step past eps: an eps-network divides by sigma(t) -> 0 there."""
+    sde, gmm, eps = VPSDE(), target_gmm(torch.float64), 1e-3
+    exact, seen = gmm.score_fn(sde), []
+
+    def score_fn(x, t):
+        seen.append(t.min().item())
+        return exact(x, t)
+
+    x = probability_flow(sde, score_fn, (64, 2), method=method, rtol=1e-5, atol=1e-5, eps=eps,
+                         generator=gen(3), dtype=torch.float64)
+    assert torch.isfinite(x).all()
+    assert min(seen) >= eps * (1 - 1e-9), f"score evaluated at t = {min(seen)} < eps = {eps}"
