@@ -86,7 +86,7 @@ def append(path: Path, text: str) -> None:
 
 BREAKAGES = {
     # name: (file to edit, (old, new) to replace or None, text to append or None, culprit)
-    "cross-reference": ("book/index.md", ("[](#ch-scores-langevin)", "[](#no-such-label)"), None,
+    "cross-reference": ("book/index.md", ("](#ch-scores-langevin)", "](#no-such-label)"), None,
                         "no-such-label"),
     "equation-reference": ("book/01_scores_and_langevin.md", None,
                            "As {eq}`eq-no-such-equation` shows.", "eq-no-such-equation"),

@@ -245,7 +245,10 @@ JS_RENDER = """
       .map(e => e.innerText.trim()),
     citeNotFound: nb.querySelectorAll('[title="Citation Not Found"]').length,
     links: md.flatMap(e => Array.from(e.querySelectorAll('a')))
-      .map(a => ({text: a.innerText.trim(), href: a.getAttribute('href') || ''})),
+      // an equation's own permalink "(n)" is an anchor, not a cross-reference
+      .filter(a => !/^Link to this/.test(a.getAttribute('title') || ''))
+      .map(a => ({text: a.innerText.trim(), href: a.getAttribute('href') || '',
+                  context: (a.closest('p, li, div') ? a.closest('p, li, div').outerHTML : '').slice(0, 400)})),
   };
 }
 """
@@ -412,7 +415,8 @@ def run_chapter(page, server: LabServer, chapter: Path, outdir: Path, timeout: f
     # `[](#label)` with no target renders as a link whose text is "#label"; `{eq}` and
     # friends as a "Cross Reference Not Found" marker. Citations are not checked here:
     # jupyterlab-myst does not read references.bib (check_book.py checks them).
-    unresolved = [a["href"] for a in render.get("links", [])
+    unresolved = [f'{a["href"]} (in "{a.get("context", "")[:400]}")'
+                  for a in render.get("links", [])
                   if a["href"].startswith("#") and (not a["text"] or a["text"] == a["href"])]
     unresolved += render.get("xrefNotFound", [])
     checks.check(not unresolved, "cross-references resolve in JupyterLab",
