@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-from lsgm_edu.losses import SigmaSquaredWeighting, UniformTimeSampler, denoising_score_matching
+from lsgm_edu.losses import SigmaSquaredWeighting, denoising_score_matching
 from lsgm_edu.nets import EpsToScore, GaussianFourierProjection, ScoreMLP
 from lsgm_edu.sde import VESDE, VPSDE
-from lsgm_edu.toy import GaussianMixture
 
 
 def inputs(n=16, d=2, dtype=torch.float32, seed=0):
@@ -120,42 +119,19 @@ def test_eps_to_score_with_sigma_squared_dsm_is_the_epsilon_loss():
     torch.testing.assert_close(loss, 0.5 * (eps_hat - z).pow(2).sum(1), rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture
-def one_thread():
-    # a 128-wide MLP is too small to gain from threads; one avoids OpenMP overhead and contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # Relative mean squared score error E|s_θ - s*|^2 / E|s*|^2 after training (fixed seeds):
 # measured 0.054, 0.032, 0.0028, 0.0002, 0.0016 at these t; bounds leave about a 2x margin.
 TRAINED_BOUNDS = {0.05: 0.1, 0.1: 0.06, 0.25: 0.01, 0.5: 0.005, 1.0: 0.005}
 
 
-def test_dsm_trained_mlp_learns_the_exact_diffused_score(one_thread):
+def test_dsm_trained_mlp_learns_the_exact_diffused_score(trained_toy_model):
     """ε-parameterized ScoreMLP, DSM with λ = σ^2 on a 3-mode mixture under the VP SDE.
 
     The error is measured on fresh x_t ~ p_t against gmm.score_fn(sde), and compared with the
     best Gaussian fit of p_t (moment-matched; its score is linear), which cannot see the modes.
     """
-    means = torch.tensor([[-1.5, 0.0], [1.5, 0.5], [0.0, 2.0]])
-    gmm = GaussianMixture(means, torch.tensor([0.5, 0.7, 0.4]), torch.tensor([0.5, 0.3, 0.2]))
-    sde, steps, batch = VPSDE(), 1500, 512
-    model = EpsToScore(ScoreMLP(2, generator=0), sde)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g, times = torch.Generator().manual_seed(0), UniformTimeSampler(1e-3, 1.0)
-    for _ in range(steps):
-        x0 = gmm.sample(batch, g)
-        t = times.sample(batch, g)
-        loss = denoising_score_matching(model, sde, x0, t, SigmaSquaredWeighting(), g).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        schedule.step()
-
+    gmm, sde, model = trained_toy_model
     exact, g_eval, n = gmm.score_fn(sde), torch.Generator().manual_seed(123), 20_000
     for t0, bound in TRAINED_BOUNDS.items():
         t = torch.full((n,), t0)

@@ -12,12 +12,8 @@ import pytest
 import torch
 
 from lsgm_edu.likelihood import log_likelihood
-from lsgm_edu.losses import SigmaSquaredWeighting, UniformTimeSampler, denoising_score_matching
 from lsgm_edu.metrics import sliced_wasserstein
-from lsgm_edu.nets import EpsToScore, ScoreMLP
 from lsgm_edu.samplers import probability_flow
-from lsgm_edu.sde import VPSDE
-from lsgm_edu.toy import GaussianMixture
 
 # Bounds asserted below, with the values measured at these seeds (deterministic on CPU):
 SWD_RATIO_BOUND = 2.5  # SWD(model, data) / SWD(data, data); measured 0.93
@@ -25,39 +21,10 @@ COUPLED_RATIO_BOUND = 1.0  # SWD(model, exact score, same z) / SWD(data, data); 
 NLL_GAP_BOUND = 0.1  # mean NLL(model) - mean NLL(exact), nats; measured +0.028
 
 
-def mixture() -> GaussianMixture:
-    means = torch.tensor([[-1.5, 0.0], [1.5, 0.5], [0.0, 2.0]])
-    return GaussianMixture(means, torch.tensor([0.5, 0.7, 0.4]), torch.tensor([0.5, 0.3, 0.2]))
-
-
 @pytest.fixture(scope="module")
-def trained():
-    """(gmm, sde, trained score model in eval mode): tests/test_mlp.py's recipe, one thread.
-
-    ε-parameterized ScoreMLP, DSM with λ = σ^2, VP SDE, Adam lr 2e-3 with cosine decay, 1500
-    steps of 512 fresh mixture samples, t ~ U[1e-3, 1] (1000 steps give an NLL gap of 0.049,
-    500 steps 0.114). One thread: a 128-wide MLP gains nothing from more, and the run stays
-    reproducible. The thread count is restored when the module's tests are done.
-    """
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        gmm, sde, steps, batch = mixture(), VPSDE(), 1500, 512
-        model = EpsToScore(ScoreMLP(2, generator=0), sde)
-        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        g, times = torch.Generator().manual_seed(0), UniformTimeSampler(1e-3, 1.0)
-        for _ in range(steps):
-            x0 = gmm.sample(batch, g)
-            t = times.sample(batch, g)
-            loss = denoising_score_matching(model, sde, x0, t, SigmaSquaredWeighting(), g).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-        yield gmm, sde, model.eval()
-    finally:
-        torch.set_num_threads(n_threads)
+def trained(trained_toy_model):
+    """(gmm, sde, trained model): the shared recipe of tests/conftest.py."""
+    return trained_toy_model
 
 
 def iid_baseline(gmm, n, g, g_proj, pairs=4) -> float:
