@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,9 @@ TOOLS = REPO / "tools"
 CHAPTER1 = REPO / "book" / "01_scores_and_langevin.md"
 CHAPTERS = sorted((REPO / "book").glob("[0-9][0-9]_*.md"))
 SCREENSHOTS = REPO / ".build" / "screenshots"
+sys.path.insert(0, str(TOOLS))
+from screenshot_book import find_chromium, free_port
+
 PYTHON = sys.executable  # the project's environment (.venv) when run by `make test`
 
 
@@ -128,12 +130,6 @@ def test_book_check_flags_chapter_missing_from_toc(book_copy: Path):
 
 # --- make lab -------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def lab_command(port: int, token: str) -> list[str]:
     """What `make lab` runs, with the test's port and token."""
     args = ["--no-browser", f"--port={port}", f"--ServerApp.token={token}",
@@ -207,20 +203,12 @@ def test_make_lab_serves_the_book(tmp_path: Path):
     assert code is not None, "JupyterLab did not exit after SIGTERM/SIGKILL"
 
 
-# --- chapter 1 in a real browser ------------------------------------------------------------
-
-def chromium_path() -> str | None:
-    for candidate in ("/usr/bin/chromium", shutil.which("chromium"),
-                      shutil.which("chromium-browser")):
-        if candidate and os.path.exists(candidate):
-            return candidate
-    return None
-
+# --- every chapter in a real browser --------------------------------------------------------
 
 @pytest.mark.browser
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
 def test_chapter_renders_in_jupyterlab(chapter: Path):
-    if chromium_path() is None:
+    if find_chromium() is None:
         message = ("headless Chromium not found (/usr/bin/chromium or `chromium` on PATH); "
                    "install it with `apt-get install -y chromium`")
         if os.environ.get("CI", "").lower() not in ("", "0", "false"):
