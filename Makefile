@@ -10,8 +10,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 # torch is installed first so pip does not pick a build we did not ask for; pyproject only
-# declares a range (torch>=2.4). Override, e.g.: make test TORCH_SPEC='torch==2.9.1'
-TORCH_SPEC ?= torch==2.13.0
+# declares a range (torch>=2.4, torchvision>=0.19). The pair must match; override, e.g. on
+# aarch64: make test TORCH_SPEC='torch==2.9.1 torchvision==0.24.1'
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.lsgm_edu-installed
 BUILD := .build
 CHAPTERS := $(sort $(wildcard book/[0-9][0-9]_*.md))
@@ -25,10 +26,10 @@ PYTEST_ARGS ?=
 help:
 	@sed -n '2,5p' Makefile | sed 's/^# *//'
 
-$(STAMP): pyproject.toml tools/jupyterlab/overrides.json
+$(STAMP): pyproject.toml Makefile tools/jupyterlab/overrides.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[book,dev]"
 	$(PY) tools/install_lab_settings.py
 	touch $(STAMP)
@@ -67,8 +68,8 @@ site: $(STAMP)
 	$(PY) tools/build_site.py
 
 bench: $(STAMP)
-	@ls benchmarks/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	@ls benchmarks/[a-z]*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
+	for b in benchmarks/[a-z]*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(BUILD) _build book/_build book/*.ipynb

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,9 @@ import torch
 from lsgm_edu.likelihood import log_likelihood
 from lsgm_edu.sde import VPSDE
 from lsgm_edu.toy import GaussianMixture
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine
 
 TOLERANCE_NATS = 0.01  # the headline: the smallest NFE with mean solver error below this
 REFERENCE = {"method": "dopri5", "rtol": 1e-10, "atol": 1e-10}
@@ -61,31 +63,6 @@ def mixture() -> GaussianMixture:
     stds = torch.tensor([0.5, 0.7, 0.4], dtype=torch.float64)
     weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     return GaussianMixture(means, stds, weights)
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    import torchdiffeq
-
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_usable": usable,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "torchdiffeq": torchdiffeq.__version__,
-        "device": "cpu",
-    }
 
 
 def errors(logp: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:

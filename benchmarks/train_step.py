@@ -1,0 +1,201 @@
+"""Training-step throughput: images/s, peak memory and estimated model FLOP utilization.
+
+One full optimisation step of `lsgm_edu.train` (DSM loss forward + backward, gradient
+clipping, AdamW, EMA) on synthetic images of the config's shape, timed after warm-up.
+FLOPs per step are counted once with torch.utils.flop_counter (matmuls and convolutions,
+forward + backward). MFU = achieved FLOP/s / peak FLOP/s, where the peak is the GPU's dense
+bf16 (or fp32) datasheet figure, or on CPU the FLOP/s of a large fp32 matmul measured here
+(so CPU "MFU" is relative to what this machine's BLAS reaches, not a datasheet).
+
+    python benchmarks/train_step.py                                   # the book configs on CPU
+    python benchmarks/train_step.py --config cifar10_ddpmpp_vp --batch-size 128 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lsgm_edu.checkpoint import atomic_write_text
+from lsgm_edu.configs import load_config
+from lsgm_edu.losses import SigmaSquaredWeighting, UniformTimeSampler
+from lsgm_edu.nets.precond import ScoreModel
+from lsgm_edu.train import build_sde, ema_update, init_model, resolve_precision, training_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine
+
+# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s.
+GPU_PEAKS = {
+    "H100 SXM": {"bf16": 989.4e12, "fp32": 66.9e12},
+    "H100 PCIe": {"bf16": 756.0e12, "fp32": 51.2e12},
+    "H200": {"bf16": 989.4e12, "fp32": 66.9e12},
+    "A100": {"bf16": 312.0e12, "fp32": 19.5e12},
+}
+BOOK_RUNS = [("digits8_ddpmpp_vp", 128), ("mnist28_ddpmpp_vp", 64), ("cifar10_ddpmpp_vp", 8)]
+
+
+def gpu_peak(name: str, precision: str) -> float | None:
+    if "H100" in name:
+        key = "H100 SXM" if ("SXM" in name or "HBM3" in name) else "H100 PCIe"
+        return GPU_PEAKS[key][precision]
+    for key, peaks in GPU_PEAKS.items():
+        if key in name:
+            return peaks[precision]
+    return None
+
+
+def cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench(config: str, batch_size: int, steps: int, warmup: int, device: str, precision: str,
+          compile_model: bool, checkpointing: bool, overrides: list[str]) -> dict:
+    cfg = load_config(config, [f"train.batch_size={batch_size}", f"train.precision={precision}",
+                               f"model.checkpointing={str(checkpointing).lower()}", *overrides])
+    dev = torch.device(device)
+    sde = build_sde(cfg.sde)
+    net = init_model(cfg).to(dev)
+    cuda = dev.type == "cuda"
+    if cuda and cfg.train.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    ema = init_model(cfg).to(dev).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1,
+                            cfg.train.beta2), eps=cfg.train.adam_eps)
+    fwd = torch.compile(net) if (compile_model and cuda) else net
+    model = ScoreModel(fwd, sde, centered=cfg.data.centered)
+    amp_dtype = resolve_precision(cfg.train.precision, dev)
+    weighting, t_sampler = SigmaSquaredWeighting(), UniformTimeSampler(cfg.sde.eps, sde.T)
+    g = torch.Generator(device=dev).manual_seed(0)
+    c, s = cfg.model.num_channels, cfg.model.image_size
+    x0 = torch.rand((batch_size, c, s, s), generator=g, device=dev) * 2 - 1
+    if cuda and cfg.train.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    labels = (torch.randint(0, cfg.model.num_classes, (batch_size,), generator=g, device=dev)
+              if cfg.model.num_classes else None)
+
+    def step():
+        t = t_sampler.sample(batch_size, g, device=dev, dtype=torch.float32)
+        z = torch.randn(x0.shape, generator=g, device=dev)
+        loss = training_loss(model, sde, x0, t, z, labels, weighting, t_sampler, cfg.train,
+                             amp_dtype)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
+        opt.step()
+        ema_update(ema, net, cfg.train.ema_rate)
+        return loss
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:  # eager, uncompiled count of one step's forward and backward
+        t = t_sampler.sample(batch_size, g, device=dev, dtype=torch.float32)
+        loss = training_loss(ScoreModel(net, sde, cfg.data.centered), sde, x0, t, torch.randn_like(x0), labels,
+                             weighting, t_sampler, cfg.train, amp_dtype)
+        loss.backward()
+    opt.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+
+    t_compile = _timed(lambda: (step(), sync()))
+    for _ in range(warmup):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    achieved = flops / median
+    if cuda:
+        peak_name = "bf16" if amp_dtype is not None else "fp32"
+        peak = gpu_peak(torch.cuda.get_device_name(dev), peak_name)
+        memory = {"peak_allocated_gib": torch.cuda.max_memory_allocated(dev) / 2**30}
+        peak_source = f"datasheet dense {peak_name}"
+    else:
+        peak = cpu_matmul_peak()
+        memory = {"peak_rss_gib_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                  / 2**20}
+        peak_source = "measured fp32 2048x2048 matmul on this machine"
+    n_params = sum(p.numel() for p in net.parameters())
+    return {
+        "config": config, "batch_size": batch_size, "parameters": n_params,
+        "precision": "bf16 autocast" if amp_dtype is not None else "fp32",
+        "compile": bool(compile_model and cuda), "activation_checkpointing": checkpointing,
+        "channels_last": bool(cuda and cfg.train.channels_last),
+        "steps_timed": steps, "step_s_median": median, "step_s_min": min(times),
+        "first_step_s": t_compile, "images_per_s": batch_size / median,
+        "flops_per_step": flops, "achieved_tflops": achieved / 1e12,
+        "peak_tflops": peak / 1e12 if peak else None, "peak_source": peak_source,
+        "mfu": achieved / peak if peak else None, **memory,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="one config (default: the book configs and CIFAR-10 DDPM++)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--name", help="result file name (default train_step_<device>.json)")
+    args = p.parse_args(argv)
+    runs = [(args.config, args.batch_size or 128)] if args.config else BOOK_RUNS
+    t0 = time.time()
+    results = []
+    for config, batch in runs:
+        r = bench(config, batch, args.steps, args.warmup, args.device, args.precision,
+                  args.compile, args.checkpointing, args.overrides)
+        results.append(r)
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{config:22s} batch {batch:4d}: {r['images_per_s']:9.1f} img/s, "
+              f"{r['step_s_median'] * 1e3:8.1f} ms/step, {r['achieved_tflops']:.3f} TFLOP/s, "
+              f"MFU {mfu}")
+    summary = {
+        "benchmark": "train_step",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(args.device),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "results": results,
+        "total_wall_s": time.time() - t0,
+    }
+    dev_kind = "cpu" if args.device == "cpu" else "gpu"
+    out = Path(args.out) / (args.name or f"train_step_{dev_kind}.json")
+    atomic_write_text(out, json.dumps(summary, indent=1) + "\n")
+    print(json.dumps({"written": str(out), "total_wall_s": summary["total_wall_s"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Command line: python -m lsgm_edu train | sample | likelihood | eval | ...
+
+Examples:
+    python -m lsgm_edu train --config mnist28_ddpmpp_vp --out runs/mnist
+    torchrun --nproc_per_node 8 -m lsgm_edu train --config cifar10_ddpmpp_vp --out runs/c10
+    python -m lsgm_edu train --config cifar10_ddpmpp_vp --out runs/c10 --resume
+    python -m lsgm_edu sample --checkpoint runs/mnist/checkpoints/step_00010000.json --n 64
+    python -m lsgm_edu likelihood --checkpoint CKPT --n 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="shipped config name or path to a YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.batch_size=64 (repeatable)")
+    p.add_argument("--data-dir", help="folder holding the data set (sets data.data_dir)")
+    p.add_argument("--download", action="store_true", help="download the data set if missing")
+
+
+def _load(args):
+    from lsgm_edu.configs import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "data_dir", None):
+        overrides.append(f"data.data_dir={args.data_dir}")
+    if getattr(args, "download", False):
+        overrides.append("data.download=true")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args) -> int:
+    from lsgm_edu import checkpoint as ckpt
+    from lsgm_edu.train import summary, train
+
+    cfg = _load(args)  # every config error surfaces here, before any data or model is touched
+    out = Path(args.out or f"runs/{cfg.name}")
+    if not args.resume and ckpt.list_checkpoints(out / "checkpoints"):
+        print(f"error: {out} already holds checkpoints; pass --resume to continue that run or "
+              f"choose another --out", file=sys.stderr)
+        return 2
+    result = train(cfg, out, resume=args.resume, device=args.device,
+                   progress=not args.no_progress)
+    print(summary(result))
+    return 0
+
+
+def _write_json(obj, path) -> None:
+    from lsgm_edu.checkpoint import atomic_write_text
+
+    text = json.dumps(obj, indent=1)
+    if path:
+        atomic_write_text(path, text + "\n")
+    print(text)
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from lsgm_edu.train import (
+        load_score_model,
+        sample_images,
+        save_image_grid,
+        seeded_generator,
+        to_unit_range,
+    )
+
+    model, cfg = load_score_model(args.checkpoint, device=args.device)
+    if args.steps:
+        cfg.sampling.steps = args.steps
+    if args.method:
+        cfg.sampling.method = args.method
+    y = None
+    if args.class_label is not None:
+        y = torch.full((args.n,), args.class_label, dtype=torch.long, device=args.device)
+    x = sample_images(model, model.sde, cfg.sampling, args.n, y=y, eps=cfg.sde.sampling_eps,
+                      generator=seeded_generator(args.seed, 5, device=args.device),
+                      device=args.device, progress=True)
+    path = save_image_grid(to_unit_range(x, cfg.data.centered), args.out)
+    print(f"wrote {args.n} samples to {path}")
+    return 0
+
+
+def cmd_likelihood(args) -> int:
+    import torch
+
+    from lsgm_edu import data as data_module
+    from lsgm_edu.likelihood import dequantize, log_likelihood
+    from lsgm_edu.train import load_score_model, seeded_generator
+
+    model, cfg = load_score_model(args.checkpoint, device=args.device)
+    ds = data_module.load_dataset(cfg.data.dataset, args.split, args.data_dir or cfg.data.data_dir)
+    n = min(args.n, len(ds))
+    gen = seeded_generator(args.seed, 6)
+    data_range = (-1.0, 1.0) if cfg.data.centered else (0.0, 1.0)
+    bpds = []
+    for start in range(0, n, args.batch_size):
+        xs = torch.stack([ds[i][0] for i in range(start, min(start + args.batch_size, n))])
+        x = dequantize(xs.long(), gen, n_bins=ds.num_levels, data_range=data_range)
+        res = log_likelihood(model.sde, model, x.to(args.device), rtol=args.tol, atol=args.tol,
+                             eps=cfg.sde.eps, n_bins=ds.num_levels, data_range=data_range,
+                             generator=seeded_generator(args.seed, 7, start))
+        bpds.append(res.bpd.cpu())
+        print(f"{start + len(xs)}/{n}: bits/dim so far {torch.cat(bpds).mean():.4f}",
+              file=sys.stderr)
+    bpd = torch.cat(bpds)
+    _write_json({
+        "checkpoint": str(args.checkpoint), "dataset": cfg.data.dataset, "split": args.split,
+        "n": n, "bits_per_dim": float(bpd.mean()), "stderr": float(bpd.std() / n**0.5),
+        "protocol": f"uniform dequantization with {ds.num_levels} levels, PF-ODE dopri5 "
+                    f"rtol=atol={args.tol}, Hutchinson (1 Rademacher probe), eps={cfg.sde.eps}",
+    }, args.json)
+    return 0
+
+
+def _samples_uint8(model, cfg, n, batch_size, seed, device, y=None):
+    """n samples of a checkpoint as uint8 images, in batches, with a progress bar."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from lsgm_edu.data import DATASETS, to_uint8
+    from lsgm_edu.metrics import images_to_uint8
+    from lsgm_edu.train import sample_images, seeded_generator
+
+    levels = DATASETS[cfg.data.dataset].num_levels
+    out = []
+    for i in tqdm(range(0, n, batch_size), desc="sampling", unit="batch"):
+        b = min(batch_size, n - i)
+        x = sample_images(model, model.sde, cfg.sampling, b, eps=cfg.sde.sampling_eps,
+                          generator=seeded_generator(seed, 8, i, device=device), device=device,
+                          y=None if y is None else y[i : i + b])
+        x = x if cfg.data.centered else 2 * x - 1
+        if cfg.data.dequantize:  # trained on (x + u) / L: a sample in bin x's cube is level x
+            out.append(to_uint8(x.clamp(-1, 1), num_levels=levels).cpu())
+        else:  # trained on x / (L - 1): round to the nearest level
+            out.append(images_to_uint8(x.float().cpu()) if levels == 256 else
+                       ((x.clamp(-1, 1) + 1) / 2 * (levels - 1)).round().to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
+def cmd_eval(args) -> int:
+    """FID / IS / KID (Inception, local weights) or classifier-feature FID, as JSON."""
+    import torch
+
+    from lsgm_edu import data as data_module
+    from lsgm_edu import metrics
+    from lsgm_edu.train import load_score_model
+
+    model, cfg = load_score_model(args.checkpoint, device=args.device)
+    if args.steps:
+        cfg.sampling.steps = args.steps
+    n = args.num_samples or cfg.eval.num_samples
+    result = {"checkpoint": str(args.checkpoint), "config": cfg.name, "num_samples": n,
+              "sampler": {"method": cfg.sampling.method, "steps": cfg.sampling.steps,
+                          "snr": cfg.sampling.snr, "n_corrector": cfg.sampling.n_corrector},
+              "seed": args.seed}
+    if args.metric == "classifier-fid":
+        classifier = metrics.load_classifier(args.classifier, device="cpu")
+        ref = data_module.load_dataset(cfg.data.dataset, args.split, args.data_dir)
+        ref_images = ref.data[: args.num_reference] if args.num_reference else ref.data
+        samples = _samples_uint8(model, cfg, n, args.batch_size, args.seed, args.device)
+        result.update(
+            metric="classifier-fid",
+            classifier_fid=metrics.classifier_fid(samples, ref_images, classifier),
+            classifier_fid_data_vs_data=metrics.classifier_fid(
+                ref_images[: len(ref_images) // 2], ref_images[len(ref_images) // 2 :],
+                classifier),
+            reference=f"{cfg.data.dataset} {args.split} split, {len(ref_images)} images",
+            classifier=str(args.classifier),
+            protocol="Frechet distance of the classifier's penultimate features (128-d)")
+    else:
+        extractor = metrics.InceptionFeatures(args.inception_weights).to(args.device)
+        samples = _samples_uint8(model, cfg, n, args.batch_size, args.seed, args.device)
+        if samples.shape[1] == 1:
+            samples = samples.expand(-1, 3, -1, -1)
+        pool, logits = metrics.extract_features(samples, extractor, device=args.device,
+                                                progress=True)
+        if args.ref_stats and Path(args.ref_stats).is_file():
+            ref_stats = metrics.ImageStats.load(args.ref_stats)
+        else:
+            train_set = data_module.load_dataset(cfg.data.dataset, "train", args.data_dir)
+            loader = torch.utils.data.DataLoader(train_set, batch_size=250)
+            ref_stats = metrics.compute_reference_statistics(
+                (x for x, _ in loader), extractor.features, device=args.device,
+                source=f"{cfg.data.dataset} train, all {len(train_set)} images")
+            if args.ref_stats:
+                ref_stats.save(args.ref_stats)
+        mu, sigma = metrics.gaussian_statistics(pool)
+        is_mean, is_std = metrics.inception_score(logits)
+        result.update(metric="fid", fid=metrics.frechet_distance(mu, sigma, ref_stats.mu,
+                                                                  ref_stats.sigma),
+                      inception_score=is_mean, inception_score_std=is_std,
+                      reference_statistics=ref_stats.source or str(args.ref_stats))
+        result["inception_weights"] = str(args.inception_weights)
+        result["protocol"] = (f"{n} samples vs training-set statistics, torch-fidelity's TF-FID "
+                              f"Inception port (pool3 2048-d)")
+    _write_json(result, args.json)
+    return 0
+
+
+def cmd_train_classifier(args) -> int:
+    """Train and save the digit classifier whose features give the small-data FID."""
+    from lsgm_edu import data as data_module
+    from lsgm_edu import metrics
+
+    train_set = data_module.load_dataset(args.dataset, "train", args.data_dir)
+    test_set = data_module.load_dataset(args.dataset, "test", args.data_dir)
+    clf = metrics.train_digit_classifier(
+        train_set.data, train_set.targets, steps=args.steps, batch_size=args.batch_size,
+        seed=args.seed, augment=not args.no_augment, progress=True)
+    acc = metrics.classifier_accuracy(clf, test_set.data, test_set.targets)
+    command = "python -m lsgm_edu " + " ".join(sys.argv[1:]) if args.command_line is None \
+        else args.command_line
+    path = metrics.save_classifier(clf, args.out, test_accuracy=acc, command=command)
+    _write_json({"classifier": str(path), "dataset": args.dataset, "test_accuracy": acc,
+                 "test_images": len(test_set)}, None)
+    return 0
+
+
+def cmd_prepare_celebahq(args) -> int:
+    from lsgm_edu.data import prepare_image_folder
+
+    prepare_image_folder(args.src, args.dst, size=args.size)
+    return 0
+
+
+def cmd_configs(args) -> int:
+    from lsgm_edu.configs import available_configs, load_config
+
+    for name in available_configs():
+        cfg = load_config(name)
+        print(f"{name:28s} {cfg.data.dataset:12s} {cfg.sde.name:8s} model={cfg.model.name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lsgm_edu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a score model (works under torchrun)")
+    _add_config_args(p)
+    p.add_argument("--out", help="run folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("sample", help="sample images from a checkpoint into a PNG grid")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--method", choices=["pc", "em", "ode"])
+    p.add_argument("--class-label", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("likelihood", help="bits/dim of test data through the PF-ODE")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--tol", type=float, default=1e-5)
+    p.add_argument("--data-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.set_defaults(fn=cmd_likelihood)
+
+    p = sub.add_parser("eval", help="FID / IS / KID or classifier-feature FID of samples")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--metric", default="fid", choices=["fid", "classifier-fid"])
+    p.add_argument("--num-samples", type=int, help="default: the config's eval.num_samples (50k)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--steps", type=int, help="sampler steps (default: the config's)")
+    p.add_argument("--inception-weights", help="local torch-fidelity Inception weights (.pth)")
+    p.add_argument("--ref-stats", help="reference statistics .npz (computed and saved if missing)")
+    p.add_argument("--classifier", default="data/checkpoints/mnist5k_classifier.json")
+    p.add_argument("--split", default="test", help="reference split for classifier-fid")
+    p.add_argument("--num-reference", type=int, help="reference images for classifier-fid")
+    p.add_argument("--data-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("train-classifier", help="train the classifier for small-data FID")
+    p.add_argument("--dataset", default="mnist5k")
+    p.add_argument("--out", default="data/checkpoints/mnist5k_classifier")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--data-dir")
+    p.add_argument("--command-line", help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_train_classifier)
+
+    p = sub.add_parser("prepare-celebahq", help="build the CelebA-HQ 256 folder from 1024 images")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--size", type=int, default=256)
+    p.set_defaults(fn=cmd_prepare_celebahq)
+
+    p = sub.add_parser("configs", help="list the shipped configs")
+    p.set_defaults(fn=cmd_configs)
+    return parser
+
+
+def main(argv=None) -> int:
+    from lsgm_edu.configs import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Checkpoints: safetensors for tensors plus a JSON sidecar, written atomically.
+
+A checkpoint `step_00001000` is two files, `step_00001000.safetensors` (every tensor) and
+`step_00001000.json` (step, config, optimizer hyper-parameters, RNG scheme, the SHA-256 of the
+tensor file). Each is written to a temporary file, fsynced and renamed, the sidecar last, so a
+crash at any moment leaves either the complete checkpoint or none; a checkpoint whose sidecar
+is missing or whose hash does not match is reported and skipped. Nothing is ever unpickled:
+pickle files can run code, and safetensors cannot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "lsgm_edu-checkpoint-v1"
+_NAME = re.compile(r"^step_(\d{8,})\.json$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt, or not a safetensors checkpoint."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, write) -> Path:
+    """Call `write(tmp_path)`, fsync the file, rename it onto `path`: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return atomic_write_bytes(path, write)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_stem(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:08d}"
+
+
+def save_checkpoint(stem: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write `<stem>.safetensors` then `<stem>.json` (with the tensor file's hash), atomically."""
+    stem = Path(stem)
+    tensor_path = stem.with_suffix(".safetensors")
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(tensor_path, lambda tmp: save_file(flat, tmp))
+    sidecar = dict(meta, format=FORMAT, tensors=tensor_path.name, sha256=sha256_file(tensor_path))
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(sidecar, indent=1, sort_keys=True))
+    return stem.with_suffix(".json")
+
+
+def _refuse_non_safetensors(path: Path) -> None:
+    """safetensors starts with an 8-byte little-endian header length, then '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return
+    kind = "a pickle" if head[:1] == b"\x80" else "a zip (torch.save)" if head[:2] == b"PK" else None
+    what = f"it looks like {kind} file" if kind else "it is not a safetensors file"
+    raise CheckpointError(
+        f"{path}: refusing to load, {what}. lsgm_edu never unpickles checkpoints (a pickle can "
+        f"run arbitrary code). Convert trusted weights once with torch.load(path, "
+        f"weights_only=True) and safetensors.torch.save_file."
+    )
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict, dict]:
+    """Read a checkpoint by its `.json` sidecar, `.safetensors` file or stem -> (tensors, meta)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        sidecar = path.with_suffix(".json")
+    elif path.suffix == ".json":
+        sidecar = path
+    else:
+        sidecar = path.with_suffix(".json") if path.suffix == "" else path
+    if sidecar.suffix != ".json":
+        if path.is_file():
+            _refuse_non_safetensors(path)
+        raise CheckpointError(f"{path}: expected a checkpoint .json sidecar or .safetensors file")
+    if not sidecar.is_file():
+        raise CheckpointError(
+            f"{sidecar}: checkpoint sidecar missing; the checkpoint is incomplete (the run stopped "
+            f"while writing it) or the path is wrong"
+        )
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{sidecar}: corrupt checkpoint sidecar ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{sidecar}: not an {FORMAT} sidecar")
+    tensor_path = sidecar.parent / meta["tensors"]
+    if not tensor_path.is_file():
+        raise CheckpointError(f"{tensor_path}: tensor file of checkpoint {sidecar.name} is missing")
+    _refuse_non_safetensors(tensor_path)
+    if verify and sha256_file(tensor_path) != meta.get("sha256"):
+        raise CheckpointError(
+            f"{tensor_path}: SHA-256 does not match its sidecar; the file is truncated or corrupt"
+        )
+    try:
+        tensors = load_file(tensor_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{tensor_path}: unreadable safetensors file ({e})") from None
+    return tensors, meta
+
+
+def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """(step, sidecar path) of every checkpoint sidecar in `directory`, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | Path, *, warn=print) -> tuple[dict, dict] | None:
+    """Newest checkpoint that loads and verifies; broken newer ones are reported and skipped."""
+    for step, sidecar in reversed(list_checkpoints(directory)):
+        try:
+            return load_checkpoint(sidecar)
+        except CheckpointError as e:
+            warn(f"skipping broken checkpoint at step {step}: {e}")
+    return None
+
+
+def prune_checkpoints(directory: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (sidecar first, so none is left half-valid)."""
+    for _, sidecar in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        tensor_path = sidecar.with_suffix(".safetensors")
+        sidecar.unlink(missing_ok=True)
+        tensor_path.unlink(missing_ok=True)

@@ -1,0 +1,289 @@
+"""Experiment configs: typed dataclasses loaded from YAML, checked before any compute.
+
+`load_config("cifar10_ddpmpp_vp", overrides=["train.batch_size=64"])` reads the YAML file of that
+name in this folder (or a path), applies `section.key=value` overrides (values parsed as YAML),
+and returns a `Config`. An unknown key, a value of the wrong type or an impossible combination
+raises `ConfigError` naming the key, so nothing is trained with a typo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lsgm_edu.nets.unet import UNetConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or contradicts another key."""
+
+
+@dataclass
+class SDEConfig:
+    """The forward SDE (Song et al. 2021, eqs. 9 and 11) and the training time range [eps, T]."""
+
+    name: str = "vpsde"  # vpsde | subvpsde | vesde
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    N: int = 1000  # discretisation used by reverse-diffusion sampling
+    eps: float = 1e-5  # smallest training time
+    sampling_eps: float = 1e-3  # where samplers stop (Song et al. 2021, App. C)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    download: bool = False
+    random_flip: bool = True
+    centered: bool = True  # model sees [-1, 1] (True) or [0, 1] (False, the reference's VE setting)
+    dequantize: bool = False  # uniform dequantization of the 8-bit data during training
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, EMA, precision and checkpointing (Song et al. 2021, App. D/H)."""
+
+    n_iters: int = 1_300_000
+    batch_size: int = 128  # global batch, split over DDP ranks
+    lr: float = 2e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup: int = 5000
+    grad_clip: float = 1.0
+    ema_rate: float = 0.9999
+    reduce_mean: bool = False  # per-sample loss: mean over dimensions instead of sum
+    likelihood_weighting: bool = False  # lambda(t) = g(t)^2 (Song et al. 2021b)
+    importance_sampling: bool = False  # t ~ q(t) proportional to g^2/sigma^2, loss weighted by 1/q
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False
+    channels_last: bool = True  # CUDA only
+    log_every: int = 50
+    sample_every: int = 5000
+    ckpt_every: int = 5000
+    keep_last: int = 3
+    sample_grid: int = 64  # images in each periodic sample grid
+
+
+@dataclass
+class SamplingConfig:
+    method: str = "pc"  # pc | em | ode
+    steps: int = 1000
+    snr: float = 0.16
+    n_corrector: int = 1
+    grid_steps: int = 200  # steps for the periodic sample grids during training
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 50_000  # FID protocol: 50k samples against training-set statistics
+    batch_size: int = 500
+    bpd_num_samples: int = 10_000
+
+
+@dataclass
+class Config:
+    name: str = "unnamed"
+    model: UNetConfig = field(default_factory=UNetConfig)
+    sde: SDEConfig = field(default_factory=SDEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "sde.name": ("vpsde", "subvpsde", "vesde"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "sampling.method": ("pc", "em", "ode"),
+}
+
+
+def available_configs() -> list[str]:
+    """Names of the configs shipped with the package."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`; return it converted (list -> tuple, int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        item = args[0]
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 without a dot as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _build(cls, data, prefix: str):
+    """Instantiate dataclass `cls` from a mapping, rejecting unknown keys by name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # the dataclass's own checks (e.g. UNetConfig.validate)
+        msg = str(e).replace(f"{cls.__name__}.", f"{prefix}." if prefix else "")
+        raise ConfigError(msg) from None
+
+
+def _set_override(tree: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-4")
+    path, raw = item.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {item!r}: empty key in {path!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-key checks that would otherwise fail after minutes of compute."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    from lsgm_edu import data as data_module
+
+    if cfg.data.dataset not in data_module.DATASETS:
+        raise ConfigError(
+            f"data.dataset: unknown dataset {cfg.data.dataset!r}; "
+            f"known: {', '.join(sorted(data_module.DATASETS))}"
+        )
+    c, h, w = data_module.DATASETS[cfg.data.dataset].image_shape
+    if (cfg.model.num_channels, cfg.model.image_size) != (c, h) or h != w:
+        raise ConfigError(
+            f"model.image_size/model.num_channels = {cfg.model.image_size}/"
+            f"{cfg.model.num_channels} do not fit data.dataset {cfg.data.dataset!r} with images "
+            f"{c}x{h}x{w}; set model.image_size={h} model.num_channels={c}"
+        )
+    t = cfg.train
+    positive = {
+        "train.n_iters": t.n_iters, "train.batch_size": t.batch_size, "train.lr": t.lr,
+        "train.log_every": t.log_every, "train.sample_every": t.sample_every,
+        "train.ckpt_every": t.ckpt_every, "train.keep_last": t.keep_last,
+        "sampling.steps": cfg.sampling.steps, "sampling.grid_steps": cfg.sampling.grid_steps,
+        "eval.num_samples": cfg.eval.num_samples, "eval.batch_size": cfg.eval.batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    for key, value in {"train.ema_rate": t.ema_rate, "train.beta1": t.beta1,
+                       "train.beta2": t.beta2}.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if t.warmup < 0 or t.grad_clip < 0 or t.sample_grid < 0:
+        raise ConfigError("train.warmup, train.grad_clip and train.sample_grid must be >= 0")
+    if not 0.0 < cfg.sde.eps < 1.0 or not 0.0 < cfg.sde.sampling_eps < 1.0:
+        raise ConfigError("sde.eps and sde.sampling_eps must be in (0, 1)")
+    if cfg.model.num_classes and cfg.data.dataset in ("celebahq256",):
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes}: {cfg.data.dataset} has no labels")
+    return cfg
+
+
+def config_from_dict(tree: dict, name: str = "unnamed") -> Config:
+    """Build and validate a `Config` from a nested mapping (as read from YAML)."""
+    tree = dict(tree)
+    tree.setdefault("name", name)
+    return validate(_build(Config, tree, ""))
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a shipped config by name (see `available_configs()`) or a YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(available_configs())
+        raise ConfigError(f"no config {str(name_or_path)!r}: not a YAML file; shipped configs: {known}")
+    with open(path) as f:
+        tree = yaml.safe_load(f) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        _set_override(tree, item)
+    return config_from_dict(tree, name=path.stem)
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "EvalConfig", "SDEConfig", "SamplingConfig",
+    "TrainConfig", "available_configs", "config_from_dict", "load_config", "validate",
+]

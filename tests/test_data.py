@@ -1,0 +1,527 @@
+"""Datasets and transforms: every loader reads files the tests write in the real on-disk format."""
+
+import gzip
+import math
+import os
+import pickle
+import struct
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lsgm_edu import data
+from lsgm_edu.data import (
+    CIFAR10_MD5,
+    CIFAR10_URL,
+    DATASETS,
+    ImageDataset,
+    UnsafePickleError,
+    dequantize,
+    from_centered,
+    load_dataset,
+    prepare_image_folder,
+    random_flip,
+    to_centered,
+    to_uint8,
+)
+from lsgm_edu.likelihood import bits_per_dim
+from lsgm_edu.likelihood import dequantize as likelihood_dequantize
+
+# --- writers for the real formats -----------------------------------------------------------
+
+
+def write_cifar(root: Path, per_batch: int = 10, seed: int = 0):
+    """cifar-10-batches-py/ as the tarball holds it: protocol-2 pickles of bytes-keyed dicts."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    out = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, 10, per_batch)]
+        batch = {b"batch_label": name.encode(), b"labels": y, b"data": x,
+                 b"filenames": [f"img_{i}.png".encode() for i in range(per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        out[name] = (x, y)
+    names = [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                  "horse", "ship", "truck")]
+    meta = {b"num_cases_per_batch": per_batch, b"label_names": names, b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return out
+
+
+def py2_pickle_batch(x: np.ndarray, labels) -> bytes:
+    """A data batch byte for byte as Python 2's cPickle (protocol 2) wrote the originals."""
+
+    def s(b):
+        b = b.encode() if isinstance(b, str) else b
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def i(v):
+        return b"K" + bytes([v]) if v < 256 else b"M" + struct.pack("<H", v)
+
+    dtype = (b"cnumpy\ndtype\n" + s("u1") + i(0) + i(1) + b"\x87R(" + i(3) + s("|") + b"NNN"
+             + b"J\xff\xff\xff\xffJ\xff\xff\xff\xff" + i(0) + b"tb")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + i(0) + b"\x85" + s("b")
+             + b"\x87R(" + i(1) + b"(" + b"".join(i(d) for d in x.shape) + b"t" + dtype
+             + b"\x89" + s(x.tobytes()) + b"tb")
+    items = (s("batch_label") + s("training batch 1 of 5") + s("labels") + b"](" +
+             b"".join(i(v) for v in labels) + b"e" + s("data") + array + s("filenames") + b"]("
+             + b"".join(s(f"{k}.png") for k in range(len(labels))) + b"e")
+    return b"\x80\x02}(" + items + b"u."
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) \
+        + array.astype(np.uint8).tobytes()
+
+
+def write_mnist(root: Path, gz: bool, n_train: int = 12, n_test: int = 5, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    out = {}
+    for prefix, n, split in (("train", n_train, "train"), ("t10k", n_test, "test")):
+        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        for stem, arr, magic in ((f"{prefix}-images-idx3-ubyte", x, 2051),
+                                 (f"{prefix}-labels-idx1-ubyte", y, 2049)):
+            blob = idx_bytes(arr, magic)
+            if gz:
+                (raw / f"{stem}.gz").write_bytes(gzip.compress(blob))
+            else:
+                (raw / stem).write_bytes(blob)
+        out[split] = (x, y)
+    return raw, out
+
+
+def write_png(path: Path, array: np.ndarray):
+    Image.fromarray(array).save(path)
+
+
+# --- registry and offline datasets ----------------------------------------------------------
+
+
+def test_registry_and_argument_errors():
+    assert set(DATASETS) == {"digits8x8", "mnist5k", "mnist", "cifar10", "celebahq256"}
+    assert DATASETS["cifar10"].image_shape == (3, 32, 32) and DATASETS["cifar10"].n_dims == 3072
+    assert DATASETS["digits8x8"].num_levels == 17 and DATASETS["mnist"].num_levels == 256
+    with pytest.raises(ValueError, match="unknown dataset 'cifar100'.*cifar10"):
+        load_dataset("cifar100")
+    with pytest.raises(ValueError, match="celebahq256 has splits train"):
+        load_dataset("celebahq256", "test")
+
+
+@pytest.mark.parametrize(("name", "n_train", "n_test", "max_level"),
+                         [("digits8x8", 1621, 176, 16), ("mnist5k", 4500, 500, 255)])
+def test_offline_datasets_documented_split(name, n_train, n_test, max_level):
+    info = DATASETS[name]
+    train, test = load_dataset(name, "train"), load_dataset(name, "test")
+    assert (len(train), len(test)) == (n_train, n_test)
+    for ds in (train, test):
+        assert ds.data.dtype == torch.uint8 and ds.data.shape[1:] == info.image_shape
+        assert ds.targets.dtype == torch.long and set(ds.targets.tolist()) == set(range(10))
+        assert ds.num_levels == info.num_levels and ds.image_shape == info.image_shape
+        x, y = ds[3]
+        assert x.shape == info.image_shape and isinstance(y, int)
+    # raw levels kept (digits are not rescaled to 0..255)
+    assert int(torch.cat([train.data, test.data]).max()) == max_level
+    # every class gives its 10th, 20th, ... image to test: balanced, disjoint, complete
+    counts = test.targets.bincount(minlength=10)
+    assert int(counts.max() - counts.min()) <= 1
+    raw_x, raw_y = data._digits_arrays() if name == "digits8x8" else data._mnist5k_arrays()
+    assert len(train) + len(test) == len(raw_y)
+    assert int(train.data.long().sum() + test.data.long().sum()) == int(raw_x.astype(np.int64).sum())
+    both = torch.cat([train.targets, test.targets]).bincount()
+    assert both.tolist() == np.bincount(raw_y).tolist()
+
+
+def test_offline_splits_follow_file_order():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    test = load_dataset("digits8x8", "test")
+    first_zeros = np.flatnonzero(bunch.target == 0)
+    assert torch.equal(test.data[0, 0], torch.from_numpy(bunch.images[first_zeros[9]]).byte())
+    train = load_dataset("digits8x8", "train")
+    assert torch.equal(train.data[:3, 0], torch.from_numpy(bunch.images[:3]).byte())
+
+
+# --- CIFAR-10 --------------------------------------------------------------------------------
+
+
+def test_cifar10_round_trip_and_pixel_layout(tmp_path):
+    written = write_cifar(tmp_path)
+    train, test = load_dataset("cifar10", "train", tmp_path), load_dataset("cifar10", "test", tmp_path)
+    assert (len(train), len(test)) == (50, 10) and train.data.shape == (50, 3, 32, 32)
+    assert train.classes[0] == "airplane" and train.classes[9] == "truck"
+    x2, y2 = written["data_batch_2"]
+    assert torch.equal(train.data[10:20].reshape(10, -1), torch.from_numpy(x2))
+    assert train.targets[10:20].tolist() == y2
+    # row-major 3 x 32 x 32: green channel (c=1), row h=5, column w=7
+    row = written["test_batch"][0][4]
+    assert int(test.data[4, 1, 5, 7]) == int(row[1024 + 5 * 32 + 7])
+    assert int(test.data[4, 2, 31, 0]) == int(row[2048 + 31 * 32])
+    image, label = test[4]
+    assert image.dtype == torch.uint8 and label == written["test_batch"][1][4]
+
+
+def test_cifar10_reads_python2_pickles(tmp_path):
+    write_cifar(tmp_path)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (7, 3072), dtype=np.uint8)
+    labels = [int(v) for v in rng.integers(0, 10, 7)]
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(py2_pickle_batch(x, labels))
+    test = load_dataset("cifar10", "test", tmp_path)
+    assert torch.equal(test.data.reshape(7, -1), torch.from_numpy(x))
+    assert test.targets.tolist() == labels
+
+
+def test_cifar10_missing_file_says_where_and_how(tmp_path):
+    write_cifar(tmp_path)
+    missing = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    missing.unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        load_dataset("cifar10", "train", tmp_path)
+    msg = str(err.value)
+    assert str(missing) in msg and CIFAR10_URL in msg and "download=True" in msg
+    assert "--data-dir" in msg
+
+
+def _corrupt_cifar(folder: Path, kind: str):
+    path = folder / "data_batch_1"
+    batch = pickle.loads(path.read_bytes(), encoding="bytes")
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:500])
+        return path, "truncated or corrupt"
+    if kind == "missing key":
+        del batch[b"labels"]
+        path.write_bytes(pickle.dumps(batch, protocol=2))
+        return path, "no key 'labels'"
+    if kind == "wrong shape":
+        batch[b"data"] = batch[b"data"].reshape(10, 3, 32, 32)
+        path.write_bytes(pickle.dumps(batch, protocol=2))
+        return path, r"uint8 array \[N, 3072\]"
+    batch[b"labels"] = batch[b"labels"][:-1]
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    return path, "'labels' must be 10 integers"
+
+
+@pytest.mark.parametrize("kind", ["truncated", "missing key", "wrong shape", "short labels"])
+def test_cifar10_corrupt_batches_are_named(tmp_path, kind):
+    write_cifar(tmp_path)
+    path, problem = _corrupt_cifar(tmp_path / "cifar-10-batches-py", kind)
+    with pytest.raises(ValueError, match=problem) as err:
+        load_dataset("cifar10", "train", tmp_path)
+    assert str(path) in str(err.value)
+
+
+class _System:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _Exec:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("payload", [_System, _Exec])
+def test_cifar10_malicious_pickle_is_refused_unexecuted(tmp_path, payload):
+    write_cifar(tmp_path)
+    marker = tmp_path / "pwned"
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    evil = {b"data": payload(marker), b"labels": [0]}
+    path.write_bytes(pickle.dumps(evil, protocol=2))
+    with pytest.raises(UnsafePickleError, match="refusing to unpickle") as err:
+        load_dataset("cifar10", "train", tmp_path)
+    assert str(path) in str(err.value) and "corrupt or malicious" in str(err.value)
+    assert not marker.exists()
+
+
+def test_cifar10_download_failure_says_what_to_fetch(tmp_path, monkeypatch):
+    from torchvision.datasets import utils as tv_utils
+
+    calls = []
+
+    def offline(url, **kwargs):
+        calls.append((url, kwargs))
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    with pytest.raises(RuntimeError) as err:
+        load_dataset("cifar10", "train", tmp_path, download=True)
+    msg = str(err.value)
+    assert "no network" in msg and "by hand" in msg and CIFAR10_URL in msg
+    assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in msg
+    assert calls == [(CIFAR10_URL, {"download_root": str(tmp_path),
+                                    "filename": "cifar-10-python.tar.gz", "md5": CIFAR10_MD5})]
+
+
+def test_cifar10_download_then_load(tmp_path, monkeypatch):
+    from torchvision.datasets import utils as tv_utils
+
+    written = {}
+
+    def fake_download(url, download_root, filename, md5):
+        written.update(write_cifar(Path(download_root)))
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
+    ds = load_dataset("cifar10", "test", tmp_path / "new", download=True)
+    assert torch.equal(ds.data.reshape(10, -1), torch.from_numpy(written["test_batch"][0]))
+
+
+# --- MNIST -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_idx_round_trip(tmp_path, gz):
+    _, written = write_mnist(tmp_path, gz)
+    for split, n in (("train", 12), ("test", 5)):
+        ds = load_dataset("mnist", split, tmp_path)
+        x, y = written[split]
+        assert ds.data.shape == (n, 1, 28, 28) and ds.data.dtype == torch.uint8
+        assert torch.equal(ds.data[:, 0], torch.from_numpy(x))
+        assert ds.targets.tolist() == y.tolist()
+        assert int(ds.data[2, 0, 27, 3]) == int(x[2, 27, 3])
+
+
+def test_mnist_missing_file_says_where_and_how(tmp_path):
+    raw, _ = write_mnist(tmp_path, gz=False)
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    load_dataset("mnist", "train", tmp_path)  # the train files are all there
+    with pytest.raises(FileNotFoundError) as err:
+        load_dataset("mnist", "test", tmp_path)
+    msg = str(err.value)
+    assert str(raw / "t10k-labels-idx1-ubyte") in msg and "download=True" in msg
+    assert "t10k-labels-idx1-ubyte.gz" in msg and "ossci-datasets" in msg
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    ("magic", "bad magic number 2049 \\(expected 2051"),
+    ("truncated", "has 9423 bytes.*needs 9424"),
+    ("header", "fewer than its 16-byte header"),
+    ("count", "12 images.*11 labels"),
+    ("gzip", "cannot read MNIST file"),
+])
+def test_mnist_corrupt_files_are_named(tmp_path, damage, problem):
+    raw, written = write_mnist(tmp_path, gz=False)
+    images, labels = raw / "train-images-idx3-ubyte", raw / "train-labels-idx1-ubyte"
+    path = images
+    if damage == "magic":
+        images.write_bytes(idx_bytes(written["train"][1], 2049))
+    elif damage == "truncated":
+        images.write_bytes(images.read_bytes()[:-1])
+    elif damage == "header":
+        images.write_bytes(images.read_bytes()[:10])
+    elif damage == "count":
+        labels.write_bytes(idx_bytes(written["train"][1][:11], 2049))
+    else:
+        images.unlink()
+        path = raw / "train-images-idx3-ubyte.gz"
+        path.write_bytes(gzip.compress(idx_bytes(written["train"][0], 2051))[:100])
+    with pytest.raises(ValueError, match=problem) as err:
+        load_dataset("mnist", "train", tmp_path)
+    assert str(path) in str(err.value)
+
+
+def test_mnist_download_tries_every_mirror_then_explains(tmp_path, monkeypatch):
+    from torchvision.datasets import utils as tv_utils
+
+    urls = []
+
+    def offline(url, **kwargs):
+        urls.append(url)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    with pytest.raises(RuntimeError) as err:
+        load_dataset("mnist", "train", tmp_path, download=True)
+    assert urls == [m + "train-images-idx3-ubyte.gz" for m in data.MNIST_MIRRORS]
+    msg = str(err.value)
+    assert "by hand" in msg and str(tmp_path / "MNIST" / "raw") in msg and "no network" in msg
+
+
+# --- CelebA-HQ 256 ---------------------------------------------------------------------------
+
+
+def _faces(folder: Path, names, size=256, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name in names:
+        arrays[name] = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        write_png(folder / name, arrays[name])
+    return arrays
+
+
+def test_celebahq_folder_lazy_and_sorted(tmp_path):
+    arrays = _faces(tmp_path / "celebahq256", ["10.png", "2.png", "1.png"])
+    (tmp_path / "celebahq256" / "notes.txt").write_text("not an image")
+    for root in (tmp_path, tmp_path / "celebahq256"):  # the data root, or the folder itself
+        ds = load_dataset("celebahq256", "train", root)
+        assert len(ds) == 3 and [p.name for p in ds.files] == ["1.png", "2.png", "10.png"]
+        assert ds.image_shape == (3, 256, 256) and ds.num_classes == 1
+        assert not hasattr(ds, "data")
+        x, y = ds[2]
+        assert x.dtype == torch.uint8 and x.shape == (3, 256, 256) and y == 0
+        assert torch.equal(x, torch.from_numpy(arrays["10.png"]).permute(2, 0, 1))
+
+
+def test_celebahq_missing_folder_says_how_to_build(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load_dataset("celebahq256", "train", tmp_path, download=True)
+    msg = str(err.value)
+    assert str(tmp_path / "celebahq256") in msg and "prepare-celebahq" in msg
+    assert "CelebAMask-HQ" in msg and "cannot be downloaded automatically" in msg
+
+
+def test_celebahq_bad_images_are_named(tmp_path):
+    folder = tmp_path / "celebahq256"
+    _faces(folder, ["0.png", "1.png"])
+    write_png(folder / "2.png", np.zeros((128, 128, 3), np.uint8))
+    (folder / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    ds = load_dataset("celebahq256", "train", tmp_path)
+    with pytest.raises(ValueError, match="RGB 128x128, expected RGB 256x256") as err:
+        ds[2]
+    assert str(folder / "2.png") in str(err.value)
+    with pytest.raises(ValueError, match="cannot read image") as err:
+        ds[3]
+    assert str(folder / "3.png") in str(err.value)
+    (folder / "0.png").unlink()  # now the first file is bad: caught when the dataset is built
+    (folder / "1.png").unlink()
+    with pytest.raises(ValueError, match="expected RGB 256x256"):
+        load_dataset("celebahq256", "train", tmp_path)
+
+
+def test_prepare_image_folder_crops_resizes_and_resumes(tmp_path):
+    src, dst = tmp_path / "CelebA-HQ-img", tmp_path / "out"
+    src.mkdir()
+    wide = np.zeros((32, 48, 3), np.uint8)
+    wide[:, :8] = (255, 0, 0)  # cropped away: the centre square is columns 8..40
+    wide[:, 40:] = (255, 0, 0)
+    wide[:, 8:40] = (0, 0, 255)
+    write_png(src / "0.png", wide)
+    checker = (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)
+    write_png(src / "1.png", np.repeat(checker[..., None], 3, axis=2))
+    Image.new("L", (16, 16), 77).save(src / "2.jpg")  # greyscale JPEG -> RGB PNG
+    assert prepare_image_folder(src, dst, size=8, progress=False) == 3
+    assert sorted(p.name for p in dst.iterdir()) == ["0.png", "1.png", "2.png"]  # no temp files
+    blue = np.asarray(Image.open(dst / "0.png"))
+    assert blue.shape == (8, 8, 3) and blue[..., 2].min() >= 254 and blue[..., 0].max() <= 1
+    grey_jpeg = Image.open(dst / "2.png")
+    assert grey_jpeg.mode == "RGB" and np.abs(np.asarray(grey_jpeg).astype(int) - 77).max() <= 2
+    # Lanczos is antialiased: a 1-pixel checkerboard shrunk 4x becomes near-uniform grey
+    grey = np.asarray(Image.open(dst / "1.png")).astype(float)
+    assert abs(grey.mean() - 127.5) < 8 and grey.std() < 8
+    stamp = (dst / "0.png").stat().st_mtime_ns
+    assert prepare_image_folder(src, dst, size=8, progress=False) == 0
+    assert (dst / "0.png").stat().st_mtime_ns == stamp
+    (dst / "1.png").unlink()
+    assert prepare_image_folder(src, dst, size=8, num_workers=2, progress=False) == 1
+    with pytest.raises(ValueError, match="smaller than the 64x64 target"):
+        prepare_image_folder(src, tmp_path / "big", size=64, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .png/.jpg images"):
+        prepare_image_folder(tmp_path / "empty", tmp_path / "x", progress=False)
+
+
+def test_prepared_folder_loads_as_celebahq(tmp_path):
+    src = tmp_path / "src"
+    _faces(src, ["0.png", "1.png"], size=300)
+    prepare_image_folder(src, tmp_path / "celebahq256", progress=False)
+    ds = load_dataset("celebahq256", "train", tmp_path)
+    assert len(ds) == 2 and ds[1][0].shape == (3, 256, 256)
+
+
+# --- the in-memory container ------------------------------------------------------------------
+
+
+def test_image_dataset_validates_and_collates():
+    x = torch.randint(0, 17, (6, 1, 8, 8), dtype=torch.uint8)
+    ds = ImageDataset(x, torch.arange(6) % 3, name="toy", num_levels=17)
+    assert ds.num_classes == 3 and ds.image_shape == (1, 8, 8)
+    xb, yb = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert xb.dtype == torch.uint8 and xb.shape == (4, 1, 8, 8) and yb.tolist() == [0, 1, 2, 0]
+    with pytest.raises(ValueError, match="uint8"):
+        ImageDataset(x.float(), torch.zeros(6))
+    with pytest.raises(ValueError, match="pixel value 17 >= num_levels = 17"):
+        ImageDataset(torch.full((2, 1, 8, 8), 17, dtype=torch.uint8), [0, 1], num_levels=17)
+
+
+# --- transforms ------------------------------------------------------------------------------
+
+
+def test_random_flip_is_a_seeded_per_sample_involution():
+    x = torch.randint(0, 256, (64, 3, 4, 5), dtype=torch.uint8)
+    once = random_flip(x, torch.Generator().manual_seed(3))
+    coins = torch.rand(64, generator=torch.Generator().manual_seed(3)) < 0.5
+    assert torch.equal(once[coins], x[coins].flip(-1)) and torch.equal(once[~coins], x[~coins])
+    assert 16 < int(coins.sum()) < 48  # both outcomes happen
+    assert torch.equal(random_flip(once, torch.Generator().manual_seed(3)), x)
+    assert not torch.equal(random_flip(x, torch.Generator().manual_seed(4)), once)
+    flip_float = random_flip(x.float(), torch.Generator().manual_seed(3))
+    assert torch.equal(flip_float, once.float())
+
+
+@pytest.mark.parametrize("levels", [256, 17])
+def test_dequantize_fills_each_bin_uniformly(levels):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, levels, (200_000,), generator=g).to(torch.uint8)
+    y = dequantize(x, levels, g, dtype=torch.float64)
+    xd = x.double()
+    assert bool(((y >= xd / levels) & (y < (xd + 1) / levels)).all())
+    u = y * levels - xd
+    assert abs(float(u.mean()) - 0.5) < 4 * math.sqrt(1 / 12 / len(u))
+    assert abs(float(u.var()) - 1 / 12) < 0.002
+    assert abs(float((u < 0.25).double().mean()) - 0.25) < 0.005
+    # the same convention as lsgm_edu.likelihood.dequantize on [0, 1)
+    again = likelihood_dequantize(x, torch.Generator().manual_seed(5), n_bins=levels,
+                                  data_range=(0.0, 1.0), dtype=torch.float64)
+    assert torch.equal(dequantize(x, levels, torch.Generator().manual_seed(5),
+                                  dtype=torch.float64), again)
+    y32 = dequantize(x, levels, g)
+    assert y32.dtype == torch.float32 and bool(((y32 >= 0) & (y32 <= 1)).all())
+
+
+@pytest.mark.parametrize("levels", [256, 17])
+def test_to_uint8_inverts_centered_dequantization(levels):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, levels, (8, 3, 32, 32), generator=g).to(torch.uint8)
+    y = dequantize(x, levels, g, dtype=torch.float64)
+    c = to_centered(y)
+    assert float(c.min()) >= -1 and float(c.max()) < 1
+    assert torch.equal(to_uint8(c, levels), x)
+    assert torch.allclose(from_centered(c), y)
+    # float32: only values that round onto a bin edge can move, and by one level
+    back = to_uint8(to_centered(dequantize(x, levels, g)), levels).int()
+    assert (back != x.int()).float().mean() < 1e-3 and int((back - x.int()).abs().max()) <= 1
+
+
+def test_to_uint8_clips_and_rejects_nan():
+    out = to_uint8(torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0, 2.0]))
+    assert out.dtype == torch.uint8 and out.tolist() == [0, 0, 128, 255, 255, 255]
+    assert to_uint8(torch.tensor([-1.0, 1.0]), 17).tolist() == [0, 16]
+    with pytest.raises(ValueError, match="NaN"):
+        to_uint8(torch.tensor([0.0, float("nan")]))
+
+
+def test_bits_per_dim_convention_for_centered_models():
+    # A model uniform on [-1, 1]^D has log p_c = -D log 2; 8-bit data under it cost 8 bits/dim.
+    d = 3072
+    logp_c = torch.tensor([-d * math.log(2)])
+    assert torch.allclose(bits_per_dim(logp_c, d, 256, (-1.0, 1.0)), torch.tensor([8.0]))
+    # the module docstring's formula: bpd = -(log p_c + D log 2 - D log L) / (D log 2)
+    logp_c = torch.tensor([-1234.5])
+    formula = -(logp_c + d * math.log(2) - d * math.log(256)) / (d * math.log(2))
+    assert torch.allclose(bits_per_dim(logp_c, d, 256, (-1.0, 1.0)), formula)
