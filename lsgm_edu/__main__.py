@@ -168,9 +168,8 @@ def cmd_eval(args) -> int:
         result.update(
             metric="classifier-fid",
             classifier_fid=metrics.classifier_fid(samples, ref_images, classifier),
-            classifier_fid_data_vs_data=metrics.classifier_fid(
-                ref_images[: len(ref_images) // 2], ref_images[len(ref_images) // 2 :],
-                classifier),
+            classifier_fid_data_vs_data=metrics.classifier_fid(  # interleaved: splits are sorted
+                ref_images[0::2], ref_images[1::2], classifier),
             reference=f"{cfg.data.dataset} {args.split} split, {len(ref_images)} images",
             classifier=str(args.classifier),
             protocol="Frechet distance of the classifier's penultimate features (128-d)")
@@ -192,7 +191,7 @@ def cmd_eval(args) -> int:
             if args.ref_stats:
                 ref_stats.save(args.ref_stats)
         mu, sigma = metrics.gaussian_statistics(pool)
-        is_mean, is_std = metrics.inception_score(logits)
+        is_mean, is_std = metrics.inception_score(logits, splits=min(10, len(logits)))
         result.update(metric="fid", fid=metrics.frechet_distance(mu, sigma, ref_stats.mu,
                                                                   ref_stats.sigma),
                       inception_score=is_mean, inception_score_std=is_std,
