@@ -122,6 +122,19 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_ENV) or "~/.cache/lsgm_edu/data").expanduser()
 
 
+def shipped_file(relative: str) -> Path:
+    """A file the repository ships under data/ (e.g. "checkpoints/mnist28_ddpmpp_vp.json")."""
+    root = Path(__file__).resolve().parent.parent / "data"
+    path = root / relative
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: shipped files live in the repository's data/ folder (an "
+            f"editable install, `pip install -e .`, finds them); data/README.md gives the command "
+            f"that rebuilds each one"
+        )
+    return path
+
+
 # --- datasets ------------------------------------------------------------------------------
 
 

@@ -223,6 +223,124 @@ class GaussianMixture:
 
         return score_t
 
+    # --- conditioning and transforming the mixture (Song et al. 2021, Sec. 5 and App. I) -----
+
+    def _class_of_components(self, classes) -> torch.Tensor:
+        """The class index of each component, long [K]; None: component k is class k."""
+        if classes is None:
+            return torch.arange(self.n_components, device=self.means.device)
+        c = torch.as_tensor(classes, device=self.means.device)
+        if c.shape != (self.n_components,) or c.is_floating_point() or c.dtype == torch.bool:
+            raise ValueError(
+                f"GaussianMixture: classes must be an int sequence [K] = [{self.n_components}] "
+                f"giving the class of each component, got {classes!r}"
+            )
+        if bool(torch.any(c < 0)) or set(c.tolist()) != set(range(int(c.max()) + 1)):
+            raise ValueError(
+                f"GaussianMixture: classes must number the classes 0..C-1, each used at least "
+                f"once, got {c.tolist()}"
+            )
+        return c.long()
+
+    def sample_with_labels(
+        self, n: int, generator: torch.Generator | None = None, classes=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n draws [n, D] with their labels [n] (long): the component k of each draw, or its
+        class classes[k]. Draws exactly like `sample` (the same generator calls)."""
+        _check_n(n, "GaussianMixture.sample_with_labels")
+        c = self._class_of_components(classes)
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(
+            n, self.dim, generator=generator, device=self.means.device, dtype=self.means.dtype
+        )
+        return self.means[k] + self.stds[k, None] * z, c[k]
+
+    def class_log_prob_fn(
+        self, sde, classes=None
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Exact noise-conditional class posterior log p_t(y | x) [B, C] as a function (x, t).
+
+        p_t(y | x) = sum_{k: classes[k] = y} p_t(k | x), the responsibilities of the diffused
+        mixture (see `log_prob_fn`) summed over the components of class y: the classifier that
+        conditional sampling needs (Song et al. 2021, eq. 14 and App. I.1). classes [K] gives
+        each component's class 0..C-1 (None: one class per component).
+        """
+        self._check_sde(sde, "class_log_prob_fn")
+        c = self._class_of_components(classes)
+        n_classes = int(c.max()) + 1
+
+        def class_log_prob_t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            log_joint, _, _ = self._diffused_log_joint(sde, x, t)
+            log_r = torch.log_softmax(log_joint, dim=-1)
+            members = c.to(x.device)
+            return torch.stack(
+                [torch.logsumexp(log_r[..., members == y], dim=-1) for y in range(n_classes)],
+                dim=-1,
+            )
+
+        return class_log_prob_t
+
+    def class_conditional(self, y: int, classes=None) -> GaussianMixture:
+        """p(x | y): the components of class y, weights w_k / sum_{classes[j] = y} w_j."""
+        c = self._class_of_components(classes)
+        if isinstance(y, bool) or not isinstance(y, int) or not 0 <= y <= int(c.max()):
+            raise ValueError(
+                f"GaussianMixture.class_conditional: y must be a class index in "
+                f"0..{int(c.max())}, got {y!r}"
+            )
+        keep = c == y
+        return GaussianMixture(self.means[keep], self.stds[keep], self.weights[keep])
+
+    def condition(self, mask, values) -> GaussianMixture:
+        """p(x_unknown | x_known = values): a mixture over the unknown dims (mask False).
+
+        Within an isotropic component the coordinates are independent, so component k keeps
+        its unknown-dim mean and its std, and its weight becomes the posterior
+        w_k N(values; mu_k,known, sigma_k^2 I) / sum_j (...) (Bayes' rule). mask: bool [D],
+        True = known; values: [D] (entries at unknown dims are ignored) or [number known].
+        """
+        mask = torch.as_tensor(mask, device=self.means.device)
+        if mask.shape != (self.dim,):
+            raise ValueError(
+                f"GaussianMixture.condition: mask must have shape [D] = [{self.dim}], got "
+                f"{tuple(mask.shape)}"
+            )
+        mask = mask.bool()
+        n_known = int(mask.sum())
+        if not 0 < n_known < self.dim:
+            raise ValueError(
+                "GaussianMixture.condition: mask must mark at least one known (True) and one "
+                f"unknown (False) dim, got {mask.tolist()}"
+            )
+        values = _as_float_tensor(values).to(device=self.means.device, dtype=self.means.dtype)
+        if values.shape == (self.dim,):
+            values = values[mask]
+        if values.shape != (n_known,):
+            raise ValueError(
+                f"GaussianMixture.condition: values must have shape [D] = [{self.dim}] or "
+                f"[number known] = [{n_known}], got {tuple(values.shape)}"
+            )
+        known = GaussianMixture(self.means[:, mask], self.stds, self.weights)
+        posterior = known.responsibilities(values)
+        return GaussianMixture(self.means[:, ~mask], self.stds, posterior)
+
+    def transform(self, W) -> GaussianMixture:
+        """The law of W x for an orthogonal W [D, D]: means W mu_k, same stds and weights.
+
+        An orthogonal map sends N(mu, s^2 I) to N(W mu, s^2 W W^T) = N(W mu, s^2 I), so the
+        mixture stays isotropic (the decoupling transform of Song et al. 2021, App. I.3).
+        """
+        W = _as_float_tensor(W).to(device=self.means.device, dtype=self.means.dtype)
+        eye = torch.eye(self.dim, dtype=W.dtype, device=W.device)
+        tol = 1e-4 if W.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-10
+        if W.shape != (self.dim, self.dim) or not torch.allclose(W @ W.T, eye, atol=tol):
+            raise ValueError(
+                f"GaussianMixture.transform: W must be an orthogonal [D, D] = [{self.dim}, "
+                f"{self.dim}] matrix (W W^T = I); a general linear map does not keep the "
+                f"components isotropic"
+            )
+        return GaussianMixture(self.means @ W.T, self.stds, self.weights)
+
 
 # --- named 2-D datasets: f(n, generator=None, **params) -> [n, 2] float32 -----------------
 
