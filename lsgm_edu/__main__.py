@@ -222,6 +222,14 @@ def cmd_train_classifier(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from lsgm_edu.train import export_ema
+
+    path = export_ema(args.checkpoint, args.out, note=args.note)
+    print(f"wrote the EMA weights of {args.checkpoint} to {path.with_suffix('.safetensors')}")
+    return 0
+
+
 def cmd_prepare_celebahq(args) -> int:
     from lsgm_edu.data import prepare_image_folder
 
@@ -301,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_train_classifier)
+
+    p = sub.add_parser("export", help="keep only the EMA weights of a checkpoint (to ship)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output stem: writes OUT.safetensors, OUT.json")
+    p.add_argument("--note", default="")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("prepare-celebahq", help="build the CelebA-HQ 256 folder from 1024 images")
     p.add_argument("src")

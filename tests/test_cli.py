@@ -14,7 +14,7 @@ from lsgm_edu.__main__ import main
 from lsgm_edu.configs import load_config
 from lsgm_edu.data import load_dataset
 from lsgm_edu.metrics import InceptionFeatures, compute_reference_statistics
-from lsgm_edu.train import export_ema, load_score_model, train
+from lsgm_edu.train import load_score_model, train
 
 SMALL = ["model.nf=16", "model.ch_mult=[1, 2]", "model.num_res_blocks=1",
          "train.batch_size=16", "train.log_every=1", "train.sample_every=1000000",
@@ -32,7 +32,7 @@ def digits_run(tmp_path_factory):
 
 def test_export_ema_loads_back_the_same_model(digits_run, tmp_path):
     stem = tmp_path / "small"
-    export_ema(digits_run.checkpoint, stem, note="test")
+    assert main(["export", "--checkpoint", str(digits_run.checkpoint), "--out", str(stem)]) == 0
     tensors, meta = ckpt.load_checkpoint(stem.with_suffix(".json"))
     assert meta["kind"] == "ema" and all(k.startswith("ema/") for k in tensors)
     model, cfg = load_score_model(stem.with_suffix(".json"))
@@ -102,3 +102,21 @@ def test_ve_config_trains_with_data_in_unit_range(tmp_path):
     assert torch.isfinite(torch.tensor(result.loss))
     model, loaded = load_score_model(result.checkpoint)
     assert not loaded.data.centered and not model.centered
+
+
+def test_train_step_benchmark_writes_json_with_the_machine(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--config", "digits8_ddpmpp_vp", "--batch-size", "4",
+         "--steps", "2", "--warmup", "0", "--set", "model.nf=16", "--set", "model.ch_mult=[1, 2]",
+         "--out", str(tmp_path), "--name", "bench.json"],
+        capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads((tmp_path / "bench.json").read_text())
+    r = out["results"][0]
+    assert out["machine"]["device"] == "cpu" and out["machine"]["cpu"]
+    assert r["images_per_s"] > 0 and r["flops_per_step"] > 0 and 0 < r["mfu"] < 1.5
