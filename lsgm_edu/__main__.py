@@ -152,6 +152,12 @@ def cmd_eval(args) -> int:
     from lsgm_edu import metrics
     from lsgm_edu.train import load_score_model
 
+    if args.metric == "bpd":  # the PF-ODE likelihood of test data, as `likelihood` computes it
+        _, cfg = load_score_model(args.checkpoint)
+        return cmd_likelihood(argparse.Namespace(
+            checkpoint=args.checkpoint, split=args.split,
+            n=args.num_samples or cfg.eval.bpd_num_samples, batch_size=args.batch_size,
+            tol=1e-5, data_dir=args.data_dir, seed=args.seed, device=args.device, json=args.json))
     model, cfg = load_score_model(args.checkpoint, device=args.device)
     if args.steps:
         cfg.sampling.steps = args.steps
@@ -284,14 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="FID / IS / KID or classifier-feature FID of samples")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--metric", default="fid", choices=["fid", "classifier-fid"])
+    p.add_argument("--metric", default="fid", choices=["fid", "classifier-fid", "bpd"],
+                   help="fid (with IS), classifier-fid (digits) or bpd (PF-ODE bits/dim)")
     p.add_argument("--num-samples", type=int, help="default: the config's eval.num_samples (50k)")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--steps", type=int, help="sampler steps (default: the config's)")
     p.add_argument("--inception-weights", help="local torch-fidelity Inception weights (.pth)")
     p.add_argument("--ref-stats", help="reference statistics .npz (computed and saved if missing)")
     p.add_argument("--classifier", default="data/checkpoints/mnist5k_classifier.json")
-    p.add_argument("--split", default="test", help="reference split for classifier-fid")
+    p.add_argument("--split", default="test", help="data split for classifier-fid and bpd")
     p.add_argument("--num-reference", type=int, help="reference images for classifier-fid")
     p.add_argument("--data-dir")
     p.add_argument("--seed", type=int, default=0)

@@ -57,6 +57,10 @@ def test_cli_likelihood_reports_bits_per_dim(digits_run, tmp_path):
     # An untrained model still gives a proper density: bits/dim positive and far below the
     # 64-dim uniform's log2(17) ~ 4.09 bits is not expected yet, but it must be finite.
     assert res["n"] == 4 and 0 < res["bits_per_dim"] < 50 and "17 levels" in res["protocol"]
+    out2 = tmp_path / "eval.json"
+    assert main(["eval", "--metric", "bpd", "--checkpoint", str(digits_run.checkpoint),
+                 "--num-samples", "4", "--batch-size", "4", "--json", str(out2)]) == 0
+    assert json.loads(out2.read_text())["n"] == 4
 
 
 def test_cli_classifier_fid_separates_noise_from_digits(tmp_path):

@@ -159,15 +159,16 @@ def test_nan_loss_stops_and_keeps_good_checkpoints(tmp_path):
 
 
 def test_training_writes_logs_curves_grids_and_lowers_the_loss(tmp_path):
-    cfg = _tiny_cfg("train.n_iters=60", "train.ckpt_every=30", "train.sample_every=60",
+    cfg = _tiny_cfg("train.n_iters=60", "train.ckpt_every=20", "train.sample_every=60",
                     "train.sample_grid=4", "sampling.grid_steps=5", "train.warmup=10",
-                    "train.lr=2e-3")
+                    "train.lr=2e-3", "train.keep_last=2")
     result = train(cfg, tmp_path, progress=False, log=lambda *a: None)
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and len(rows) == 61
     losses = [float(r.split(",")[1]) for r in rows[1:]]
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
     assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [40, 60]  # keep 2
     assert (tmp_path / "samples" / "step_00000060.png").is_file()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     x = torch.randn(3, 1, 8, 8)
@@ -189,3 +190,16 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     init = init_model(load_config("digits8_ddpmpp_vp", [*TINY, *extra])).state_dict()
     moved = max((a[f"model/{k}"] - v).abs().max().item() for k, v in init.items())
     assert moved > 1e-3, "the weights did not train, so their equality would prove nothing"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_channels_last_compile_trains(tmp_path):
+    cfg = _tiny_cfg("train.n_iters=20", "train.ckpt_every=20", "train.compile=true",
+                    "train.lr=2e-3")
+    result = train(cfg, tmp_path, device="cuda", progress=False, log=lambda *a: None)
+    rows = (tmp_path / "log.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[1]) for r in rows]
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+    x = torch.randn(2, 1, 8, 8, device="cuda")
+    assert result.score_model(x, torch.full((2,), 0.5, device="cuda")).dtype == torch.float32
