@@ -264,23 +264,19 @@ def read_log(path: str | Path) -> dict[str, list[float]]:
 
 def plot_loss_curve(log_path: str | Path, out_png: str | Path) -> Path:
     """Matplotlib loss and gradient-norm curves of a training log (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
 
     from lsgm_edu.viz import save_figure
 
     log = read_log(log_path)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    a, b = fig.subplots(1, 2)
     a.plot(log["step"], log["loss"], lw=1)
     a.set(xlabel="step", ylabel="loss (per sample)", yscale="log", title="DSM loss")
     b.plot(log["step"], log["grad_norm"], lw=1, color="C1")
     b.set(xlabel="step", ylabel="gradient norm", yscale="log", title="gradient norm")
     fig.tight_layout()
-    path = save_figure(fig, out_png)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out_png)
 
 
 # --- sampling -------------------------------------------------------------------------------

@@ -162,7 +162,15 @@ def test_training_writes_logs_curves_grids_and_lowers_the_loss(tmp_path):
     cfg = _tiny_cfg("train.n_iters=60", "train.ckpt_every=20", "train.sample_every=60",
                     "train.sample_grid=4", "sampling.grid_steps=5", "train.warmup=10",
                     "train.lr=2e-3", "train.keep_last=2")
-    result = train(cfg, tmp_path, progress=False, log=lambda *a: None)
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands in for a notebook's inline backend, which train must not switch
+    try:
+        result = train(cfg, tmp_path, progress=False, log=lambda *a: None)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and len(rows) == 61
     losses = [float(r.split(",")[1]) for r in rows[1:]]
