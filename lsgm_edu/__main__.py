@@ -125,7 +125,6 @@ def _samples_uint8(model, cfg, n, batch_size, seed, device, y=None):
     from tqdm.auto import tqdm
 
     from lsgm_edu.data import DATASETS, to_uint8
-    from lsgm_edu.metrics import images_to_uint8
     from lsgm_edu.train import sample_images, seeded_generator
 
     levels = DATASETS[cfg.data.dataset].num_levels
@@ -139,8 +138,7 @@ def _samples_uint8(model, cfg, n, batch_size, seed, device, y=None):
         if cfg.data.dequantize:  # trained on (x + u) / L: a sample in bin x's cube is level x
             out.append(to_uint8(x.clamp(-1, 1), num_levels=levels).cpu())
         else:  # trained on x / (L - 1): round to the nearest level
-            out.append(images_to_uint8(x.float().cpu()) if levels == 256 else
-                       ((x.clamp(-1, 1) + 1) / 2 * (levels - 1)).round().to(torch.uint8).cpu())
+            out.append(((x.clamp(-1, 1) + 1) / 2 * (levels - 1)).round().to(torch.uint8).cpu())
     return torch.cat(out)
 
 

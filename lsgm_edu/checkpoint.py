@@ -112,12 +112,7 @@ def _refuse_non_safetensors(path: Path) -> None:
 def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict, dict]:
     """Read a checkpoint by its `.json` sidecar, `.safetensors` file or stem -> (tensors, meta)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        sidecar = path.with_suffix(".json")
-    elif path.suffix == ".json":
-        sidecar = path
-    else:
-        sidecar = path.with_suffix(".json") if path.suffix == "" else path
+    sidecar = path.with_suffix(".json") if path.suffix in ("", ".safetensors") else path
     if sidecar.suffix != ".json":
         if path.is_file():
             _refuse_non_safetensors(path)

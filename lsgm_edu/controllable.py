@@ -24,8 +24,7 @@ from tqdm.auto import trange
 from .nets.mlp import ScoreMLP, _as_generator, _linear
 from .samplers import (
     _PREDICTORS,
-    _check_eps,
-    _check_steps,
+    _check_pc_args,
     _per_sample,
     langevin_corrector_step,
     reverse_time_grid,
@@ -161,25 +160,6 @@ def noise_conditional_classifier_loss(
 # --- imputation -------------------------------------------------------------------------
 
 
-def _check_pc(fn: str, sde, steps, snr, n_corrector, predictor, eps) -> None:
-    _check_steps(fn, steps)
-    _check_eps(fn, sde, eps)
-    if isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or n_corrector < 0:
-        raise ValueError(f"{fn}: n_corrector must be an int >= 0, got {n_corrector!r}")
-    if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not 0 < snr < math.inf:
-        raise ValueError(f"{fn}: snr must be a finite float > 0, got {snr!r}")
-    if predictor not in _PREDICTORS:
-        raise ValueError(
-            f"{fn}: unknown predictor {predictor!r}; choose one of {sorted(_PREDICTORS)}"
-        )
-    if predictor == "reverse_diffusion" and steps != sde.N:
-        raise ValueError(
-            f"{fn}: the reverse_diffusion predictor runs the SDE's own {sde.N}-step chain, so "
-            f"steps must equal sde.N = {sde.N}, got {steps}; build the SDE with N={steps} or use "
-            f"predictor='euler_maruyama'"
-        )
-
-
 @torch.no_grad()
 def inpaint(
     sde,
@@ -220,7 +200,7 @@ def inpaint(
         ) from None
     if mask.dtype != torch.bool and not bool(torch.all((mask == 0) | (mask == 1))):
         raise ValueError(f"{fn}: mask must hold only 0 (unknown) and 1 (known)")
-    _check_pc(fn, sde, steps, snr, n_corrector, predictor, eps)
+    steps, eps = _check_pc_args(fn, sde, steps, snr, n_corrector, predictor, eps)
 
     def diffused_known(x: torch.Tensor, t: torch.Tensor):
         # A fresh sample of p_t(x_known(t) | x_known) at every call: the known part carries

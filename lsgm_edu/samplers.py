@@ -288,6 +288,26 @@ _PREDICTORS = {"euler_maruyama": euler_maruyama_step, "reverse_diffusion": rever
 
 
 @torch.no_grad()
+def _check_pc_args(fn: str, sde, steps, snr, n_corrector, predictor, eps) -> tuple[int, float]:
+    """Validate predictor-corrector arguments; returns (steps, eps)."""
+    steps, eps = _check_steps(fn, steps), _check_eps(fn, sde, eps)
+    if predictor not in _PREDICTORS:
+        raise ValueError(
+            f"{fn}: unknown predictor {predictor!r}; choose one of {sorted(_PREDICTORS)}"
+        )
+    if isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or n_corrector < 0:
+        raise ValueError(f"{fn}: n_corrector must be an int >= 0, got {n_corrector!r}")
+    if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not 0 < snr < math.inf:
+        raise ValueError(f"{fn}: snr must be a finite float > 0, got {snr!r}")
+    if predictor == "reverse_diffusion" and steps != sde.N:
+        raise ValueError(
+            f"{fn}: the reverse_diffusion predictor runs the SDE's own {sde.N}-step chain "
+            f"(sde.discretize), so steps must equal sde.N = {sde.N}, got {steps}; build the SDE "
+            f"with N={steps} or use predictor='euler_maruyama'"
+        )
+    return steps, eps
+
+
 def predictor_corrector(
     sde,
     score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -315,22 +335,8 @@ def predictor_corrector(
     (denoise=True, as the reference) or its x. shape: [B, ...]; device/dtype of the samples.
     """
     fn = "predictor_corrector"
-    steps = _check_steps(fn, steps)
-    shape, eps = _check_shape(fn, shape), _check_eps(fn, sde, eps)
-    if predictor not in _PREDICTORS:
-        raise ValueError(
-            f"{fn}: unknown predictor {predictor!r}; choose one of {sorted(_PREDICTORS)}"
-        )
-    if isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or n_corrector < 0:
-        raise ValueError(f"{fn}: n_corrector must be an int >= 0, got {n_corrector!r}")
-    if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not 0 < snr < math.inf:
-        raise ValueError(f"{fn}: snr must be a finite float > 0, got {snr!r}")
-    if predictor == "reverse_diffusion" and steps != sde.N:
-        raise ValueError(
-            f"{fn}: the reverse_diffusion predictor runs the SDE's own {sde.N}-step chain "
-            f"(sde.discretize), so steps must equal sde.N = {sde.N}, got {steps}; build the SDE "
-            f"with N={steps} or use predictor='euler_maruyama'"
-        )
+    shape = _check_shape(fn, shape)
+    steps, eps = _check_pc_args(fn, sde, steps, snr, n_corrector, predictor, eps)
     predictor_step = _PREDICTORS[predictor]
     rsde = sde.reverse(score_fn)
     x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lsgm_edu import checkpoint as ckpt
+from lsgm_edu import data as data_module
 from lsgm_edu.configs import Config, ConfigError, config_from_dict
 from lsgm_edu.losses import (
     LikelihoodImportanceSampler,
@@ -361,7 +362,7 @@ def _prepare_batch(x_uint8, step_gen, cfg, num_levels, rank_slice, device):
         x01 = x / (num_levels - 1)
     if cfg.data.random_flip:
         x01 = torch.where(flip.to(device).view(-1, 1, 1, 1), x01.flip(-1), x01)
-    return 2 * x01 - 1 if cfg.data.centered else x01
+    return data_module.to_centered(x01) if cfg.data.centered else x01
 
 
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str | None = None,
@@ -371,8 +372,6 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
     out_dir gets config.yaml, log.csv, TensorBoard events, loss.png, samples/ and checkpoints/.
     `dataset` overrides `cfg.data` (any dataset of (uint8 [C,H,W], label) with `num_levels`).
     """
-    from lsgm_edu import data as data_module
-
     d = setup_distributed(device)
     out = Path(out_dir)
     tc = cfg.train
@@ -409,7 +408,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
         last_ckpt = ckpt.checkpoint_stem(ckpt_dir, start).with_suffix(".json")
         if d.main:
             log(f"resuming from step {start} ({last_ckpt})")
-    elif resume and d.main and ckpt.list_checkpoints(ckpt_dir):
+    elif resume and ckpt.list_checkpoints(ckpt_dir):
         raise ckpt.CheckpointError(f"{ckpt_dir}: no usable checkpoint to resume from")
     if d.main:
         ckpt.atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
