@@ -44,8 +44,14 @@ notebooks: $(STAMP)
 lab: notebooks
 	$(BIN)/jupyter lab book/ --ip=127.0.0.1 $(ROOT_FLAG) $(LAB_ARGS)
 
-# Chapters run as notebooks under nbval in fast mode; per-notebook times go to
-# $(BUILD)/notebook-durations.md. pytest exits non-zero when it collects nothing.
+# Chapters run as notebooks under nbval in fast mode, once each: per-notebook times go to
+# $(BUILD)/notebook-durations.md, and each chapter whose cells all passed is saved with its
+# outputs to $(BUILD)/executed/ (root conftest.py). The book tests marked `after_notebooks`
+# run after the notebooks: the website check renders those saved outputs
+# (tools/check_book.py --outputs) instead of executing the chapters again, and the JupyterLab
+# browser run (which does run each chapter again, in the UI) gets timeouts scaled to the
+# chapter times just measured, so a busy machine slows the checks instead of failing them.
+# pytest exits non-zero when it collects nothing.
 test: $(STAMP)
 	$(BIN)/ruff check lsgm_edu tests tools benchmarks conftest.py
 	rm -rf $(BUILD)/notebooks && mkdir -p $(BUILD)/notebooks
@@ -55,7 +61,9 @@ test: $(STAMP)
 	LSGM_EDU_FAST=1 $(PY) -m pytest tests $(BUILD)/notebooks --nbval-lax \
 	  --durations=15 $(PYTEST_ARGS)
 
-# Offline: broken cross-references, citations, directives or roles fail (tests run it too).
+# Offline: broken cross-references, citations, directives or roles fail, and chapters missing
+# from the toc or from book/index.md (tests run it too). With outputs from `make test`:
+#   $(PY) tools/check_book.py --outputs $(BUILD)/executed
 check-book: $(STAMP)
 	$(PY) tools/check_book.py
 

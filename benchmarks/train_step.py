@@ -1,7 +1,8 @@
 """Training-step throughput: images/s, peak memory and estimated model FLOP utilization.
 
-One full optimisation step of `lsgm_edu.train` (DSM loss forward + backward, gradient
-clipping, AdamW, EMA) on synthetic images of the config's shape, timed after warm-up.
+One full optimisation step, `lsgm_edu.train.train_step` as the trainer runs it (the DSM
+objective forward + backward, gradient clipping, AdamW, EMA), on synthetic images of the config's
+shape, timed after warm-up.
 FLOPs per step are counted once with torch.utils.flop_counter (matmuls and convolutions,
 forward + backward). MFU = achieved FLOP/s / peak FLOP/s, where the peak is the GPU's dense
 bf16 (or fp32) datasheet figure, or on CPU the FLOP/s of a large fp32 matmul measured here
@@ -26,9 +27,8 @@ import torch
 
 from lsgm_edu.checkpoint import atomic_write_text
 from lsgm_edu.configs import load_config
-from lsgm_edu.losses import SigmaSquaredWeighting, UniformTimeSampler
-from lsgm_edu.nets.precond import ScoreModel
-from lsgm_edu.train import build_sde, ema_update, init_model, resolve_precision, training_loss
+from lsgm_edu.objectives import Batch, BatchGenerator
+from lsgm_edu.train import TrainState, dsm_setup, resolve_precision, train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine
@@ -71,37 +71,30 @@ def bench(config: str, batch_size: int, steps: int, warmup: int, device: str, pr
     cfg = load_config(config, [f"train.batch_size={batch_size}", f"train.precision={precision}",
                                f"model.checkpointing={str(checkpointing).lower()}", *overrides])
     dev = torch.device(device)
-    sde = build_sde(cfg.sde)
-    net = init_model(cfg).to(dev)
+    setup = dsm_setup(cfg)
+    state = TrainState(setup.models, dev)
+    net = state.modules["score"]
     cuda = dev.type == "cuda"
     if cuda and cfg.train.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    ema = init_model(cfg).to(dev).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1,
-                            cfg.train.beta2), eps=cfg.train.adam_eps)
-    fwd = torch.compile(net) if (compile_model and cuda) else net
-    model = ScoreModel(fwd, sde, centered=cfg.data.centered)
+        net.to(memory_format=torch.channels_last)
+    if compile_model and cuda:
+        state.wrap(torch.compile)
     amp_dtype = resolve_precision(cfg.train.precision, dev)
-    weighting, t_sampler = SigmaSquaredWeighting(), UniformTimeSampler(cfg.sde.eps, sde.T)
-    g = torch.Generator(device=dev).manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     c, s = cfg.model.num_channels, cfg.model.image_size
-    x0 = torch.rand((batch_size, c, s, s), generator=g, device=dev) * 2 - 1
+    x0 = (torch.rand((batch_size, c, s, s), generator=g) * 2 - 1).to(dev)
     if cuda and cfg.train.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
-    labels = (torch.randint(0, cfg.model.num_classes, (batch_size,), generator=g, device=dev)
+    labels = (torch.randint(0, cfg.model.num_classes, (batch_size,), generator=g).to(dev)
               if cfg.model.num_classes else None)
+    batch = Batch(x0, labels)
+    steps_done = [0]
 
     def step():
-        t = t_sampler.sample(batch_size, g, device=dev, dtype=torch.float32)
-        z = torch.randn(x0.shape, generator=g, device=dev)
-        loss = training_loss(model, sde, x0, t, z, labels, weighting, t_sampler, cfg.train,
-                             amp_dtype)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
-        opt.step()
-        ema_update(ema, net, cfg.train.ema_rate)
-        return loss
+        stats = train_step(state, setup.objective, batch, BatchGenerator(g, batch_size, device=dev),
+                           steps_done[0], amp_dtype=amp_dtype)
+        steps_done[0] += 1
+        return stats
 
     def sync():
         if cuda:
@@ -111,11 +104,10 @@ def bench(config: str, batch_size: int, steps: int, warmup: int, device: str, pr
 
     counter = FlopCounterMode(display=False)
     with counter:  # eager, uncompiled count of one step's forward and backward
-        t = t_sampler.sample(batch_size, g, device=dev, dtype=torch.float32)
-        loss = training_loss(ScoreModel(net, sde, cfg.data.centered), sde, x0, t, torch.randn_like(x0), labels,
-                             weighting, t_sampler, cfg.train, amp_dtype)
-        loss.backward()
-    opt.zero_grad(set_to_none=True)
+        loss, _ = setup.objective(state.modules, batch, BatchGenerator(g, batch_size, device=dev))
+        loss.float().mean().backward()
+    for opt in state.optimizers.values():
+        opt.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
 
     t_compile = _timed(lambda: (step(), sync()))

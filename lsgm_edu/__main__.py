@@ -15,6 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+SAMPLE_SEED_STREAM = 8  # image i of `sample` / `eval` is drawn with derived_seed(seed, 8, i)
+REFERENCE_SUBSET_SEED = 0  # which reference images keep their features for KID
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="shipped config name or path to a YAML file")
@@ -63,13 +66,7 @@ def _write_json(obj, path) -> None:
 def cmd_sample(args) -> int:
     import torch
 
-    from lsgm_edu.train import (
-        load_score_model,
-        sample_images,
-        save_image_grid,
-        seeded_generator,
-        to_unit_range,
-    )
+    from lsgm_edu.train import load_score_model, save_image_grid
 
     model, cfg = load_score_model(args.checkpoint, device=args.device)
     if args.steps:
@@ -79,10 +76,11 @@ def cmd_sample(args) -> int:
     y = None
     if args.class_label is not None:
         y = torch.full((args.n,), args.class_label, dtype=torch.long, device=args.device)
-    x = sample_images(model, model.sde, cfg.sampling, args.n, y=y, eps=cfg.sde.sampling_eps,
-                      generator=seeded_generator(args.seed, 5, device=args.device),
-                      device=args.device, progress=True)
-    path = save_image_grid(to_unit_range(x, cfg.data.centered), args.out)
+    # the images `eval` measures: per-image seeds, quantized by the training discretization
+    levels = _num_levels(cfg)
+    images = torch.cat(list(sample_batches(model, cfg, args.n, args.n, args.seed, args.device,
+                                            y=y, progress=True)))
+    path = save_image_grid(_to_8bit(images, levels).float() / 255, args.out)
     print(f"wrote {args.n} samples to {path}")
     return 0
 
@@ -91,20 +89,23 @@ def cmd_likelihood(args) -> int:
     import torch
 
     from lsgm_edu import data as data_module
-    from lsgm_edu.likelihood import dequantize, log_likelihood
-    from lsgm_edu.train import load_score_model, seeded_generator
+    from lsgm_edu.likelihood import log_likelihood
+    from lsgm_edu.train import seeded_generator
 
-    model, cfg = load_score_model(args.checkpoint, device=args.device)
+    model, cfg = _load_model(args)
     ds = data_module.load_dataset(cfg.data.dataset, args.split, args.data_dir or cfg.data.data_dir)
     n = min(args.n, len(ds))
-    gen = seeded_generator(args.seed, 6)
     data_range = (-1.0, 1.0) if cfg.data.centered else (0.0, 1.0)
     bpds = []
     for start in range(0, n, args.batch_size):
-        xs = torch.stack([ds[i][0] for i in range(start, min(start + args.batch_size, n))])
-        x = dequantize(xs.long(), gen, n_bins=ds.num_levels, data_range=data_range)
+        index = range(start, min(start + args.batch_size, n))
+        xs = torch.stack([ds[i][0] for i in index])
+        # dequantization noise per image (seeded by its index): the same u whatever the batching
+        u = torch.stack([torch.rand(xs.shape[1:], generator=seeded_generator(args.seed, 6, i))
+                         for i in index])
+        x = data_module.dequantize(xs, ds.num_levels, noise=u, data_range=data_range)
         res = log_likelihood(model.sde, model, x.to(args.device), rtol=args.tol, atol=args.tol,
-                             eps=cfg.sde.eps, n_bins=ds.num_levels, data_range=data_range,
+                             eps=cfg.train.eps, n_bins=ds.num_levels, data_range=data_range,
                              generator=seeded_generator(args.seed, 7, start))
         bpds.append(res.bpd.cpu())
         print(f"{start + len(xs)}/{n}: bits/dim so far {torch.cat(bpds).mean():.4f}",
@@ -113,33 +114,67 @@ def cmd_likelihood(args) -> int:
     _write_json({
         "checkpoint": str(args.checkpoint), "dataset": cfg.data.dataset, "split": args.split,
         "n": n, "bits_per_dim": float(bpd.mean()), "stderr": float(bpd.std() / n**0.5),
-        "protocol": f"uniform dequantization with {ds.num_levels} levels, PF-ODE dopri5 "
-                    f"rtol=atol={args.tol}, Hutchinson (1 Rademacher probe), eps={cfg.sde.eps}",
+        "protocol": f"uniform dequantization with {ds.num_levels} levels (noise of image i "
+                    f"from seed derived_seed({args.seed}, 6, i)), PF-ODE dopri5 "
+                    f"rtol=atol={args.tol}, Hutchinson (1 Rademacher probe), eps={cfg.train.eps}",
     }, args.json)
     return 0
 
 
-def _samples_uint8(model, cfg, n, batch_size, seed, device, y=None):
-    """n samples of a checkpoint as uint8 images, in batches, with a progress bar."""
-    import torch
+def _load_model(args):
+    from lsgm_edu.train import load_score_model
+
+    return load_score_model(args.checkpoint, device=args.device)
+
+
+def _num_levels(cfg) -> int:
+    from lsgm_edu.data import DATASETS
+
+    return DATASETS[cfg.data.dataset].num_levels
+
+
+def _discretization(cfg) -> str:
+    """The training discretization of cfg.data, which names the rounding rule back to levels."""
+    return "dequantize" if cfg.data.dequantize else "scale"
+
+
+def _to_8bit(levels_uint8, num_levels):
+    from lsgm_edu.data import to_8bit
+
+    return to_8bit(levels_uint8, num_levels)
+
+
+def sample_batches(model, cfg, n, batch_size, seed, device, y=None, progress=True):
+    """Yield n samples of a checkpoint as integer levels (uint8, CPU), batch by batch.
+
+    Image i is drawn from its own generator, seeded by derived_seed(seed, 8, i)
+    (`PerSampleGenerators`), so it does not depend on the batch size. Samples are mapped back
+    to the data's levels by `data.to_uint8` with the rounding rule of the training
+    discretization. Nothing is kept between batches.
+    """
     from tqdm.auto import tqdm
 
-    from lsgm_edu.data import DATASETS, to_uint8
-    from lsgm_edu.train import sample_images, seeded_generator
+    from lsgm_edu.data import to_uint8
+    from lsgm_edu.train import derived_seed, sample_images
+    from lsgm_edu.utils import PerSampleGenerators
 
-    levels = DATASETS[cfg.data.dataset].num_levels
-    out = []
-    for i in tqdm(range(0, n, batch_size), desc="sampling", unit="batch"):
-        b = min(batch_size, n - i)
-        x = sample_images(model, model.sde, cfg.sampling, b, eps=cfg.sde.sampling_eps,
-                          generator=seeded_generator(seed, 8, i, device=device), device=device,
-                          y=None if y is None else y[i : i + b])
-        x = x if cfg.data.centered else 2 * x - 1
-        if cfg.data.dequantize:  # trained on (x + u) / L: a sample in bin x's cube is level x
-            out.append(to_uint8(x.clamp(-1, 1), num_levels=levels).cpu())
-        else:  # trained on x / (L - 1): round to the nearest level
-            out.append(((x.clamp(-1, 1) + 1) / 2 * (levels - 1)).round().to(torch.uint8).cpu())
-    return torch.cat(out)
+    levels, discretization = _num_levels(cfg), _discretization(cfg)
+    one_batch = n <= batch_size  # then show the sampler's steps instead of the batches
+    for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch",
+                      disable=not progress or one_batch):
+        index = range(start, min(start + batch_size, n))
+        generator = PerSampleGenerators.seeded(
+            [derived_seed(seed, SAMPLE_SEED_STREAM, i) for i in index], device)
+        yield to_uint8(
+            sample_images(model, model.sde, cfg.sampling, len(index), eps=cfg.sampling.eps,
+                          generator=generator, device=device, progress=progress and one_batch,
+                          y=None if y is None else y[index.start : index.stop]),
+            levels, discretization=discretization, centered=cfg.data.centered).cpu()
+
+
+def _sampler_info(cfg) -> dict:
+    return {"method": cfg.sampling.method, "steps": cfg.sampling.steps, "snr": cfg.sampling.snr,
+            "n_corrector": cfg.sampling.n_corrector}
 
 
 def cmd_eval(args) -> int:
@@ -156,19 +191,24 @@ def cmd_eval(args) -> int:
             checkpoint=args.checkpoint, split=args.split,
             n=args.num_samples or cfg.eval.bpd_num_samples, batch_size=args.batch_size,
             tol=1e-5, data_dir=args.data_dir, seed=args.seed, device=args.device, json=args.json))
-    model, cfg = load_score_model(args.checkpoint, device=args.device)
+    model, cfg = _load_model(args)
     if args.steps:
         cfg.sampling.steps = args.steps
     n = args.num_samples or cfg.eval.num_samples
+    levels, discretization = _num_levels(cfg), _discretization(cfg)
     result = {"checkpoint": str(args.checkpoint), "config": cfg.name, "num_samples": n,
-              "sampler": {"method": cfg.sampling.method, "steps": cfg.sampling.steps,
-                          "snr": cfg.sampling.snr, "n_corrector": cfg.sampling.n_corrector},
-              "seed": args.seed}
+              "sampler": _sampler_info(cfg), "seed": args.seed}
+    seeds = (f"image i drawn with its own generator seeded by derived_seed({args.seed}, "
+             f"{SAMPLE_SEED_STREAM}, i), so results do not depend on --batch-size; samples "
+             f"mapped to the data's {levels} levels by the inverse of the training "
+             f"discretization ({discretization}: "
+             f"{'floor' if discretization == 'dequantize' else 'round'})")
     if args.metric == "classifier-fid":
         classifier = metrics.load_classifier(args.classifier, device="cpu")
         ref = data_module.load_dataset(cfg.data.dataset, args.split, args.data_dir)
         ref_images = ref.data[: args.num_reference] if args.num_reference else ref.data
-        samples = _samples_uint8(model, cfg, n, args.batch_size, args.seed, args.device)
+        samples = torch.cat(list(sample_batches(model, cfg, n, args.batch_size, args.seed,
+                                                 args.device)))  # small images: kept
         result.update(
             metric="classifier-fid",
             classifier_fid=metrics.classifier_fid(samples, ref_images, classifier),
@@ -176,45 +216,95 @@ def cmd_eval(args) -> int:
                 ref_images[0::2], ref_images[1::2], classifier),
             reference=f"{cfg.data.dataset} {args.split} split, {len(ref_images)} images",
             classifier=str(args.classifier),
-            protocol="Frechet distance of the classifier's penultimate features (128-d)")
-    else:
-        extractor = metrics.InceptionFeatures(args.inception_weights).to(args.device)
-        samples = _samples_uint8(model, cfg, n, args.batch_size, args.seed, args.device)
-        if samples.shape[1] == 1:
-            samples = samples.expand(-1, 3, -1, -1)
-        pool, logits = metrics.extract_features(samples, extractor, device=args.device,
-                                                progress=True)
-        if args.ref_stats and Path(args.ref_stats).is_file():
-            ref_stats = metrics.ImageStats.load(args.ref_stats)
-        else:
-            train_set = data_module.load_dataset(cfg.data.dataset, "train", args.data_dir)
-            loader = torch.utils.data.DataLoader(train_set, batch_size=250)
-            ref_stats = metrics.compute_reference_statistics(
-                (x for x, _ in loader), extractor.features, device=args.device,
-                source=f"{cfg.data.dataset} train, all {len(train_set)} images")
-            if args.ref_stats:
-                ref_stats.save(args.ref_stats)
-        mu, sigma = metrics.gaussian_statistics(pool)
-        is_mean, is_std = metrics.inception_score(logits, splits=min(10, len(logits)))
-        result.update(metric="fid", fid=metrics.frechet_distance(mu, sigma, ref_stats.mu,
-                                                                  ref_stats.sigma),
-                      inception_score=is_mean, inception_score_std=is_std,
-                      reference_statistics=ref_stats.source or str(args.ref_stats))
-        result["inception_weights"] = str(args.inception_weights)
-        result["protocol"] = (f"{n} samples vs training-set statistics, torch-fidelity's TF-FID "
-                              f"Inception port (pool3 2048-d)")
+            protocol=f"Frechet distance of the classifier's penultimate features (128-d); "
+                     f"{seeds}")
+        _write_json(result, args.json)
+        return 0
+
+    extractor = metrics.InceptionFeatures(args.inception_weights).to(args.device)
+    ref_stats = _reference_statistics(args, cfg, extractor, levels)
+    batches = (_to_8bit(b, levels) for b in sample_batches(model, cfg, n, args.batch_size,
+                                                              args.seed, args.device))
+    is_splits = min(10, n)
+    gen = metrics.stream_sample_statistics(batches, extractor, n, is_splits=is_splits,
+                                           keep_features=args.kid_features, device=args.device,
+                                           progress=True)
+    if gen.stats.mu.shape != ref_stats.mu.shape:
+        raise ValueError(f"the reference statistics ({ref_stats.source}) have feature dim "
+                         f"{ref_stats.mu.shape[0]}, the samples {gen.stats.mu.shape[0]}")
+    fid = metrics.frechet_distance(gen.stats.mu, gen.stats.sigma, ref_stats.mu, ref_stats.sigma)
+    kid, kid_protocol = _kid(args, gen.features, ref_stats)
+    result.update(metric="fid", fid=fid, inception_score=gen.inception_score[0],
+                  inception_score_std=gen.inception_score[1],
+                  kid=None if kid is None else kid[0], kid_std=None if kid is None else kid[1],
+                  reference_statistics=ref_stats.source or str(args.ref_stats),
+                  inception_weights=str(args.inception_weights))
+    result["protocol"] = (
+        f"FID: {n} samples against the reference statistics (pool3 2048-d features of "
+        f"torch-fidelity's TF-FID Inception port, 8-bit images; samples streamed batch by "
+        f"batch into running float64 moments); IS: {is_splits} contiguous splits of the 1008 "
+        f"logits without bias; KID: {kid_protocol}; {seeds}")
     _write_json(result, args.json)
     return 0
+
+
+def _reference_statistics(args, cfg, extractor, levels):
+    """Load --ref-stats, or compute them from the training set (and save them there)."""
+    import torch
+
+    from lsgm_edu import data as data_module
+    from lsgm_edu import metrics
+
+    if args.ref_stats and Path(args.ref_stats).is_file():
+        return metrics.ImageStats.load(args.ref_stats)
+    train_set = data_module.load_dataset(cfg.data.dataset, "train", args.data_dir)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=250)
+    k = min(args.kid_features, len(train_set))
+    stats = metrics.compute_reference_statistics(
+        (_to_8bit(x, levels) for x, _ in loader), extractor.features, device=args.device,
+        keep_features=k, seed=REFERENCE_SUBSET_SEED,
+        source=f"{cfg.data.dataset} train, all {len(train_set)} images; features of a random "
+               f"subset of {k} (seed {REFERENCE_SUBSET_SEED}) kept for KID")
+    if args.ref_stats:
+        stats.save(args.ref_stats)
+    return stats
+
+
+def _kid(args, features, ref_stats):
+    """(KID mean and std, or None; the protocol that says how or why not)."""
+    import torch
+
+    from lsgm_edu import metrics
+    from lsgm_edu.train import seeded_generator
+
+    if len(features) < 2:
+        return None, "not computed (--kid-features below 2)"
+    if ref_stats.features is None or len(ref_stats.features) < 2:
+        return None, ("not computed: the reference statistics hold no features (TTUR / "
+                      "pytorch-fid files keep only mu and sigma); recompute them with "
+                      "--data-dir and a new --ref-stats path")
+    ref = torch.from_numpy(ref_stats.features)
+    size = min(args.kid_subset_size, len(features), len(ref))
+    kid = metrics.kernel_inception_distance(
+        features.to(args.device), ref.to(args.device), subsets=args.kid_subsets,
+        subset_size=size, generator=seeded_generator(args.seed, 9))
+    return kid, (
+        f"unbiased MMD^2 with the kernel (x.y / d + 1)^3, mean and std over {args.kid_subsets} "
+        f"subsets of {size} rows drawn without replacement (seed derived from {args.seed}), "
+        f"between the pool features of the first {len(features)} samples and the "
+        f"{len(ref)} reference features stored in the statistics file (a seeded uniformly "
+        f"random subset of the reference images)")
 
 
 def cmd_train_classifier(args) -> int:
     """Train and save the digit classifier whose features give the small-data FID."""
     from lsgm_edu import data as data_module
     from lsgm_edu import metrics
+    from lsgm_edu.nets.classifier import train_digit_classifier
 
     train_set = data_module.load_dataset(args.dataset, "train", args.data_dir)
     test_set = data_module.load_dataset(args.dataset, "test", args.data_dir)
-    clf = metrics.train_digit_classifier(
+    clf = train_digit_classifier(
         train_set.data, train_set.targets, steps=args.steps, batch_size=args.batch_size,
         seed=args.seed, augment=not args.no_augment, progress=True)
     acc = metrics.classifier_accuracy(clf, test_set.data, test_set.targets)
@@ -242,11 +332,25 @@ def cmd_prepare_celebahq(args) -> int:
 
 
 def cmd_configs(args) -> int:
-    from lsgm_edu.configs import available_configs, load_config
+    import warnings
 
+    import yaml
+
+    from lsgm_edu.configs import available_configs, config_from_dict, load_config
+    from lsgm_edu.registry import MODELS, SDES
+
+    if args.convert:  # a config of the first format, printed in the current one
+        with open(args.convert) as f:
+            tree = yaml.safe_load(f) or {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = config_from_dict(tree, name=Path(args.convert).stem)
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None), end="")
+        return 0
     for name in available_configs():
         cfg = load_config(name)
-        print(f"{name:28s} {cfg.data.dataset:12s} {cfg.sde.name:8s} model={cfg.model.name}")
+        model = f"{MODELS.name_of(cfg.model)}/{getattr(cfg.model, 'arch', '')}".rstrip("/")
+        print(f"{name:28s} {cfg.data.dataset:12s} sde={SDES.name_of(cfg.sde):6s} model={model}")
     return 0
 
 
@@ -298,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default="data/checkpoints/mnist5k_classifier.json")
     p.add_argument("--split", default="test", help="data split for classifier-fid and bpd")
     p.add_argument("--num-reference", type=int, help="reference images for classifier-fid")
+    p.add_argument("--kid-features", type=int, default=10_000,
+                   help="features kept for KID: of the first samples, and of a seeded random "
+                        "subset of the reference when its statistics are computed")
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (mean, std)")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="rows per KID subset")
     p.add_argument("--data-dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -328,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_prepare_celebahq)
 
     p = sub.add_parser("configs", help="list the shipped configs")
+    p.add_argument("--convert", metavar="YAML",
+                   help="print a config of the first format (sde.name: vpsde, sde.eps, "
+                        "model.name: ddpmpp) in the current format")
     p.set_defaults(fn=cmd_configs)
     return parser
 

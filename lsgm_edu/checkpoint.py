@@ -42,8 +42,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the process umask (mkstemp gives 0600).
+
+    Read from /proc where it exists: setting and restoring os.umask is not thread-safe, and
+    `prepare_image_folder` writes from several threads.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, write) -> Path:
-    """Call `write(tmp_path)`, fsync the file, rename it onto `path`: readers never see half a file."""
+    """Call `write(tmp_path)`, fsync the file, rename it onto `path`: readers never see half a file.
+
+    The one atomic writer of the package (checkpoints, statistics, JSON results, figures, the
+    CelebA-HQ PNGs): the temporary file sits beside `path` (same file system, so the rename is
+    atomic), gets the mode a plain `open()` would give, and is removed if `write` fails, leaving
+    any old `path` untouched. `write` gets a path; pass `format=` to writers that guess it from
+    the suffix (the temporary name ends in .tmp).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -53,7 +78,7 @@ def atomic_write_bytes(path: str | Path, write) -> Path:
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -64,8 +89,10 @@ def atomic_write_bytes(path: str | Path, write) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write_bytes` of a UTF-8 text."""
+
     def write(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
     return atomic_write_bytes(path, write)

@@ -18,18 +18,20 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import trange
 
-from .nets.mlp import ScoreMLP, _as_generator, _linear
+from .checks import check_tensor, check_time
+from .nets.mlp import NoiseConditionalClassifier
 from .samplers import (
-    _PREDICTORS,
-    _check_pc_args,
-    _per_sample,
+    PREDICTORS,
+    check_pc_args,
+    corrector_alpha,
     langevin_corrector_step,
+    per_sample_time,
     reverse_time_grid,
 )
-from .utils import append_dims
+from .sde import SDE
+from .utils import randn_like
 
 __all__ = [
     "NoiseConditionalClassifier",
@@ -99,39 +101,9 @@ def conditional_score_fn(
     return score
 
 
-class NoiseConditionalClassifier(ScoreMLP):
-    """Time-conditional MLP classifier: x [B, dim], t [B] -> logits [B, n_classes] of p_t(y | x).
-
-    ScoreMLP's trunk (Gaussian Fourier time features added to every hidden layer) with an
-    n_classes head. Trained with `noise_conditional_classifier_loss` on x_t ~ p_t(x_t | x0), it
-    estimates p_t(y | x_t) at every t, which guidance needs (Song et al. 2021, App. I.1).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        n_classes: int,
-        hidden: int = 128,
-        depth: int = 3,
-        fourier_dim: int = 64,
-        fourier_scale: float = 16.0,
-        *,
-        act: type[nn.Module] = nn.SiLU,
-        generator=None,
-    ):
-        if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
-            raise ValueError(
-                f"NoiseConditionalClassifier: n_classes must be an int >= 2, got {n_classes!r}"
-            )
-        g = _as_generator(generator)
-        super().__init__(dim, hidden, depth, fourier_dim, fourier_scale, act=act, generator=g)
-        self.n_classes = n_classes
-        self.out = _linear(hidden, n_classes, g)
-
-
 def noise_conditional_classifier_loss(
     classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    sde,
+    sde: SDE,
     x0: torch.Tensor,
     y: torch.Tensor,
     t: torch.Tensor,
@@ -143,18 +115,19 @@ def noise_conditional_classifier_loss(
     (Song et al. 2021, App. I.1). classifier(x, t) -> logits [B, C]; y: labels long [B] of x0;
     t: [B], drawn by the caller (e.g. `UniformTimeSampler`); z from `generator`.
     """
+    _check_classifier_loss_args(x0, y, t)
+    kernel = sde.kernel(x0, t)
+    x_t = kernel.sample(randn_like(kernel.mean, generator))
+    return F.cross_entropy(classifier(x_t, t), y.long(), reduction="none")
+
+
+def _check_classifier_loss_args(x0, y, t) -> None:
     fn = "noise_conditional_classifier_loss"
-    if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.ndim < 2:
-        raise ValueError(f"{fn}: x0 must be a floating-point tensor [B, ...]")
+    check_tensor(fn, "x0", x0, min_ndim=2)
     batch = x0.shape[0]
     if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.shape != (batch,):
         raise ValueError(f"{fn}: y must be an integer tensor of labels [B] = [{batch}]")
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != (batch,):
-        raise ValueError(f"{fn}: t must be a floating-point tensor [B] = [{batch}]")
-    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    mean, std = sde.marginal_prob(x0, t)
-    logits = classifier(mean + append_dims(std, x0.ndim) * z, t)
-    return F.cross_entropy(logits, y.long(), reduction="none")
+    check_time(fn, t, batch)
 
 
 # --- imputation -------------------------------------------------------------------------
@@ -162,7 +135,7 @@ def noise_conditional_classifier_loss(
 
 @torch.no_grad()
 def inpaint(
-    sde,
+    sde: SDE,
     score_fn: ScoreFn,
     x_known: torch.Tensor,
     mask: torch.Tensor,
@@ -200,25 +173,24 @@ def inpaint(
         ) from None
     if mask.dtype != torch.bool and not bool(torch.all((mask == 0) | (mask == 1))):
         raise ValueError(f"{fn}: mask must hold only 0 (unknown) and 1 (known)")
-    steps, eps = _check_pc_args(fn, sde, steps, snr, n_corrector, predictor, eps)
+    steps, eps = check_pc_args(fn, sde, steps, snr, n_corrector, predictor, eps)
 
     def diffused_known(x: torch.Tensor, t: torch.Tensor):
         # A fresh sample of p_t(x_known(t) | x_known) at every call: the known part carries
         # the noise level of time t, as the unknown part does.
-        mean, std = sde.marginal_prob(x_known, t)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return torch.where(known, mean + append_dims(std, x.ndim) * noise, x), mean
+        kernel = sde.kernel(x_known, t)
+        return torch.where(known, kernel.sample(randn_like(x, generator)), x), kernel.mean
 
-    predictor_step, rsde = _PREDICTORS[predictor], sde.reverse(score_fn)
+    predictor_step, rsde = PREDICTORS[predictor], sde.reverse(score_fn)
     x = sde.prior_sampling(
         x_known.shape, generator=generator, device=x_known.device, dtype=x_known.dtype
     )
     grid = reverse_time_grid(sde.T, eps, steps)
-    x, _ = diffused_known(x, _per_sample(grid[0], x))
+    x, _ = diffused_known(x, per_sample_time(grid[0], x))
     for i in trange(steps, disable=not progress, desc=fn):
-        t, t_next = _per_sample(grid[i], x), _per_sample(grid[i + 1], x)
+        t, t_next = per_sample_time(grid[i], x), per_sample_time(grid[i + 1], x)
         if n_corrector:
-            alpha = (sde.marginal_coefficients(t)[0] / sde.marginal_coefficients(t_next)[0]) ** 2
+            alpha = corrector_alpha(sde, t, t_next)
             for _ in range(n_corrector):
                 x, _ = langevin_corrector_step(score_fn, x, t, snr, alpha, generator)
                 x, _ = diffused_known(x, t)
@@ -258,7 +230,7 @@ def _check_orthogonal(W, fn: str, dtype, device) -> torch.Tensor:
 
 
 def impute_linear(
-    sde,
+    sde: SDE,
     score_fn: ScoreFn,
     y: torch.Tensor,
     W: torch.Tensor,
@@ -306,7 +278,7 @@ def impute_linear(
 
 
 def colorize(
-    sde,
+    sde: SDE,
     score_fn: ScoreFn,
     gray: torch.Tensor,
     steps: int = 1000,

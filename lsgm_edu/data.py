@@ -2,9 +2,11 @@
 to a score model.
 
 Every dataset yields raw integer images, uint8 [C, H, W] with levels {0, ..., num_levels - 1},
-and an int label. A model sees `to_centered(dequantize(random_flip(x)))`: uniform dequantization
-y = (x + u) / L, u ~ U[0, 1)^D, gives a density on [0, 1)^D (Theis et al. 2016), and 2y - 1 puts
-it in [-1, 1) (Song et al. 2021). Bits/dim, with D = C * H * W and a model density p_c on the
+and an int label. A model sees `to_model(random_flip(x))`, e.g. `to_centered(dequantize(x))`:
+uniform dequantization y = (x + u) / L, u ~ U[0, 1)^D, gives a density on [0, 1)^D (Theis et al.
+2016), and 2y - 1 puts it in [-1, 1) (Song et al. 2021); `to_uint8` maps samples back to levels
+with the rounding rule of the training discretization. This module is the one home of these
+pixel <-> model transforms; training, sampling, likelihood and metrics all call it. Bits/dim, with D = C * H * W and a model density p_c on the
 centered data c = 2y - 1:
 
     log p_y(y) = log p_c(2y - 1) + D log 2                      (change of variables)
@@ -12,7 +14,8 @@ centered data c = 2y - 1:
     bpd = -(log p_c + D log 2 - D log L) / (D log 2)             (= -log2 p_c / D + 7 for L = 256)
 
 which is `lsgm_edu.likelihood.bits_per_dim(logp_c, D, n_bins=L, data_range=(-1, 1))`.
-Nothing here touches global random state: every random transform takes a `torch.Generator`.
+Nothing here touches global random state: every random transform takes a `torch.Generator`
+(or its noise, precomputed).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import math
 import os
 import pickle
 import re
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,11 +36,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import likelihood
+from .checkpoint import atomic_write_bytes
 from .utils import append_dims
 
 __all__ = [
     "DATASETS",
+    "DISCRETIZATIONS",
     "DatasetInfo",
     "ImageDataset",
     "ImageFolderDataset",
@@ -49,7 +52,9 @@ __all__ = [
     "load_dataset",
     "prepare_image_folder",
     "random_flip",
+    "to_8bit",
     "to_centered",
+    "to_model",
     "to_uint8",
 ]
 
@@ -587,43 +592,81 @@ def _resize_to_png(src: Path, dst: Path, size: int) -> None:
         img = img.crop((left, top, left + s, top + s))
     if s != size:
         img = img.resize((size, size), Image.Resampling.LANCZOS)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            img.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(dst, lambda tmp: img.save(tmp, format="PNG"))
 
 
-# --- transforms: batches on any device, randomness from a generator ----------------------
+# --- transforms: pixels <-> model space, one home for each ------------------------------------
+#
+# Two training discretizations map integer levels x in {0, ..., L - 1} to [0, 1], and each has
+# its own inverse (`to_uint8`):
+#   "dequantize": y = (x + u) / L, u ~ U[0, 1)  bin x is the cube [x / L, (x + 1) / L): floor(L y)
+#   "scale":      y = x / (L - 1)               level x is the point x / (L - 1): round((L - 1) y)
+# A centred model sees 2y - 1 (`to_centered`). Every random transform takes a generator, or the
+# noise itself (`noise=`, `flip=`), so a trainer can draw it for the global batch and slice it.
+
+DISCRETIZATIONS = ("dequantize", "scale")
 
 
-def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def _check_discretization(fn: str, discretization: str) -> None:
+    if discretization not in DISCRETIZATIONS:
+        raise ValueError(f"{fn}: discretization must be one of {DISCRETIZATIONS}, "
+                         f"got {discretization!r}")
+
+
+def _check_levels(fn: str, x: torch.Tensor, num_levels: int) -> None:
+    if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
+        raise ValueError(f"{fn}: num_levels must be an int >= 2, got {num_levels!r}")
+    if not isinstance(x, torch.Tensor) or x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"{fn}: x must be a tensor of integer levels")
+    if x.is_floating_point() and not bool(torch.all(x == torch.round(x))):
+        raise ValueError(f"{fn}: x holds non-integer values; pass the raw integer data")
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) > num_levels - 1):
+        raise ValueError(f"{fn}: x must lie in {{0, ..., {num_levels - 1}}}, got values in "
+                         f"[{int(x.min())}, {int(x.max())}]")
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None, *,
+                flip: torch.Tensor | None = None) -> torch.Tensor:
     """Flip each image of a batch [B, ..., W] left-right with probability 1/2, independently.
 
-    One coin per sample, torch.rand(B, generator) < 1/2; the generator lives on x's device.
+    One coin per sample, torch.rand(B, generator) < 1/2 (the generator lives on x's device), or
+    the given bool mask `flip` [B] (e.g. drawn for a global batch and sliced per rank).
     """
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
         raise ValueError("random_flip: x must be a batch tensor [B, ..., W]")
-    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
-    return torch.where(append_dims(flip, x.ndim), x.flip(-1), x)
+    if flip is None:
+        flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    elif not isinstance(flip, torch.Tensor) or flip.dtype != torch.bool \
+            or flip.shape != (x.shape[0],):
+        raise ValueError(f"random_flip: flip must be a bool tensor of shape ({x.shape[0]},)")
+    return torch.where(append_dims(flip.to(x.device), x.ndim), x.flip(-1), x)
 
 
 def dequantize(x: torch.Tensor, num_levels: int = 256, generator: torch.Generator | None = None,
-               *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               *, noise: torch.Tensor | None = None,
+               data_range: tuple[float, float] = (0.0, 1.0),
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Uniform dequantization y = (x + u) / L in [0, 1), u ~ U[0, 1) (Theis et al. 2016).
 
     Integer level x becomes the cube [x / L, (x + 1) / L); the density of y bounds the discrete
     probability from below, log P(x) >= E_u log p_y(y) - D log L. For a model of 2y - 1
     (`to_centered`), log p_y = log p_c + D log 2: use `likelihood.bits_per_dim(logp_c, D,
-    n_bins=L, data_range=(-1, 1))`. In float32 a value can round onto its upper bin edge
-    (about 1 in 10^5); pass dtype=torch.float64 where exactness matters.
+    n_bins=L, data_range=(-1, 1))`. u comes from `generator`, or is `noise` (like x, in [0, 1)).
+    data_range=(low, high) maps [0, 1) affinely onto [low, high). In float32 a value can round
+    onto its upper bin edge (about 1 in 10^5); pass dtype=torch.float64 where exactness matters.
     """
-    return likelihood.dequantize(x, generator, n_bins=num_levels, data_range=(0.0, 1.0),
-                                 dtype=dtype)
+    _check_levels("dequantize", x, num_levels)
+    low, high = (float(v) for v in data_range)
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"dequantize: data_range must be finite with low < high, "
+                         f"got {data_range!r}")
+    if noise is None:
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=dtype)
+    elif not isinstance(noise, torch.Tensor) or noise.shape != x.shape:
+        raise ValueError(f"dequantize: noise must be a tensor of x's shape {tuple(x.shape)}")
+    else:
+        u = noise.to(device=x.device, dtype=dtype)
+    return low + (high - low) * (x.to(dtype) + u) / num_levels
 
 
 def to_centered(x01: torch.Tensor) -> torch.Tensor:
@@ -636,16 +679,57 @@ def from_centered(x: torch.Tensor) -> torch.Tensor:
     return (x + 1) / 2
 
 
-def to_uint8(x_centered: torch.Tensor, num_levels: int = 256) -> torch.Tensor:
-    """Integer levels floor(L (x + 1) / 2), clipped to {0, ..., L - 1}, as uint8 (for saving).
+def to_model(x: torch.Tensor, num_levels: int = 256, *, discretization: str = "dequantize",
+             centered: bool = True, generator: torch.Generator | None = None,
+             noise: torch.Tensor | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Integer levels -> what a model trained with `discretization` sees.
 
-    The inverse of `to_centered(dequantize(x))`: every point of bin x's cube maps back to x.
+    "dequantize": (x + u) / L (`dequantize`, u from `generator` or `noise`); "scale": x / (L - 1)
+    (no noise). Then 2y - 1 if `centered` (`to_centered`). Undone by `to_uint8` with the same
+    discretization and centring.
     """
-    if not isinstance(x_centered, torch.Tensor) or not x_centered.is_floating_point():
-        raise ValueError("to_uint8: x_centered must be a floating-point tensor in [-1, 1]")
-    if not 2 <= num_levels <= 256:
-        raise ValueError(f"to_uint8: num_levels must be in 2..256, got {num_levels}")
-    if not bool(torch.isfinite(x_centered).all()):
-        raise ValueError("to_uint8: x_centered has NaN or infinite values (a diverged sample?)")
-    x = x_centered if x_centered.device.type == "mps" else x_centered.double()
-    return torch.floor(from_centered(x) * num_levels).clamp_(0, num_levels - 1).to(torch.uint8)
+    _check_discretization("to_model", discretization)
+    if discretization == "dequantize":
+        y = dequantize(x, num_levels, generator, noise=noise, dtype=dtype)
+    else:
+        _check_levels("to_model", x, num_levels)
+        y = x.to(dtype) / (num_levels - 1)
+    return to_centered(y) if centered else y
+
+
+def to_uint8(x: torch.Tensor, num_levels: int = 256, *, discretization: str = "dequantize",
+             centered: bool = True) -> torch.Tensor:
+    """Model-space images -> integer levels {0, ..., L - 1} as uint8, clipped (for saving, metrics).
+
+    The rounding rule is the training discretization's inverse: data trained as (x + u) / L
+    ("dequantize") map back by floor(L y), so every point of bin x's cube is level x; data
+    trained as x / (L - 1) ("scale") map back by round((L - 1) y), the nearest level. y is
+    (x + 1) / 2 if `centered`, else x. Computed in float64 (float32 on MPS).
+    """
+    _check_discretization("to_uint8", discretization)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError("to_uint8: x must be a floating-point tensor of model-space images")
+    if isinstance(num_levels, bool) or not isinstance(num_levels, int) \
+            or not 2 <= num_levels <= 256:
+        raise ValueError(f"to_uint8: num_levels must be an int in 2..256, got {num_levels!r}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("to_uint8: x has NaN or infinite values (a diverged sample?)")
+    x = x if x.device.type == "mps" else x.double()
+    y = from_centered(x) if centered else x
+    if discretization == "dequantize":
+        levels = torch.floor(y * num_levels)
+    else:
+        levels = torch.round(y * (num_levels - 1))
+    return levels.clamp_(0, num_levels - 1).to(torch.uint8)
+
+
+def to_8bit(x: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """Integer levels {0, ..., L - 1} -> 8-bit {0, ..., 255}, round(255 x / (L - 1)), as uint8:
+    how an L-level image is displayed (and what Inception is shown). The identity for L = 256."""
+    _check_levels("to_8bit", x, num_levels)
+    if num_levels > 256:
+        raise ValueError(f"to_8bit: num_levels must be <= 256, got {num_levels}")
+    if num_levels == 256:
+        return x.to(torch.uint8)
+    return torch.round(x.double() * (255 / (num_levels - 1))).to(torch.uint8)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .samplers import _check_eps, _check_ode_args, solve_probability_flow
+from .checks import check_interval_eps
+from .samplers import check_ode_args, solve_probability_flow
+from .sde import SDE
 
 __all__ = [
     "LikelihoodResult",
@@ -145,7 +147,7 @@ def _check_x(fn: str, x) -> None:
 
 @torch.no_grad()
 def log_likelihood(
-    sde,
+    sde: SDE,
     score_fn: ScoreFn,
     x: torch.Tensor,
     exact_divergence: bool = False,
@@ -174,8 +176,8 @@ def log_likelihood(
     """
     fn = "log_likelihood"
     _check_x(fn, x)
-    _check_ode_args(fn, method, steps)
-    eps = _check_eps(fn, sde, eps)
+    check_ode_args(fn, method, steps)
+    eps = check_interval_eps(fn, eps, sde.T)
     probes = None if exact_divergence else draw_probes(x, n_probes, probe, generator)
     ode = _LogDensityODE(sde.reverse(score_fn, probability_flow=True), probes)
     from torchdiffeq import odeint  # imported here, as in samplers
@@ -195,7 +197,7 @@ def log_likelihood(
 
 @torch.no_grad()
 def encode(
-    sde,
+    sde: SDE,
     score_fn: ScoreFn,
     x: torch.Tensor,
     *,
@@ -212,7 +214,7 @@ def encode(
     back. Returns z, or (z, nfe) with return_nfe=True.
     """
     _check_x("encode", x)
-    eps = _check_eps("encode", sde, eps)
+    eps = check_interval_eps("encode", eps, sde.T)
     z, nfe = solve_probability_flow(
         sde, score_fn, x, eps, sde.T, method=method, rtol=rtol, atol=atol, steps=steps
     )
@@ -221,7 +223,7 @@ def encode(
 
 @torch.no_grad()
 def decode(
-    sde,
+    sde: SDE,
     score_fn: ScoreFn,
     z: torch.Tensor,
     *,
@@ -235,7 +237,7 @@ def decode(
     """Data x = x(eps) of a latent code z = x(T) along the probability-flow ODE; inverse of
     `encode`. Returns x, or (x, nfe) with return_nfe=True."""
     _check_x("decode", z)
-    eps = _check_eps("decode", sde, eps)
+    eps = check_interval_eps("decode", eps, sde.T)
     x, nfe = solve_probability_flow(
         sde, score_fn, z, sde.T, eps, method=method, rtol=rtol, atol=atol, steps=steps
     )

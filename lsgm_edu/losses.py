@@ -18,7 +18,9 @@ from collections.abc import Callable
 
 import torch
 
-from .utils import append_dims
+from .checks import check_callable, check_like
+from .sde import SDE
+from .utils import phase_apply, phase_outer, randn_like
 
 __all__ = [
     "LikelihoodImportanceSampler",
@@ -69,15 +71,22 @@ def _sum_per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).sum(1)
 
 
-def _diffusion(sde, t: torch.Tensor) -> torch.Tensor:
-    """g(t) [B] of a scalar linear SDE; the drift is evaluated on a dummy [B, 1] state."""
-    _, g = sde.sde(t.new_zeros(t.shape[0], 1), t)
-    return g
+def _diffusion(sde: SDE, t: torch.Tensor) -> torch.Tensor:
+    """G(t): g(t) [B] for K = 1, a [B, K, K] block otherwise."""
+    return sde.sde_coefficients(t)[1]
 
 
-def _std(sde, t: torch.Tensor) -> torch.Tensor:
-    _, sigma = sde.marginal_coefficients(t)
-    return sigma
+def _std(sde: SDE, t: torch.Tensor) -> torch.Tensor:
+    """The kernel scale L(t): sigma(t) [B] for K = 1, a Cholesky block otherwise."""
+    return sde.marginal_scale(t)
+
+
+def weighted_squared_norm(weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """r^T Lambda r per sample [B]: lambda |r|^2 for a scalar weight [B], and the sum over data
+    coordinates of r^T Lambda r for a [B, K, K] block acting on the phase components."""
+    if weight.ndim == 1:
+        return weight * _sum_per_sample(r.pow(2))
+    return _sum_per_sample(r * phase_apply(weight, r))
 
 
 # --- score matching on data (no time) ---------------------------------------------------
@@ -201,11 +210,12 @@ class SigmaSquaredWeighting:
     """λ(t) = σ_t^2, the "reweighted" loss of Song et al. 2021 (eq. 7 with λ ∝ 1/E|∇log p_0t|^2).
 
     With an ε-parameterized score s = -ε̂/σ_t, the DSM loss becomes 1/2 |ε̂ - ε|^2 (Ho et al.
-    2020's simple loss).
+    2020's simple loss). In phase space λ is the kernel covariance L L^T [B, K, K], and with
+    s = -L^{-T} ε̂ the loss is again 1/2 |ε̂ - ε|^2.
     """
 
     def __call__(self, sde, t: torch.Tensor) -> torch.Tensor:
-        return _std(sde, t).pow(2)
+        return phase_outer(_std(sde, t))
 
     def __repr__(self) -> str:
         return "SigmaSquaredWeighting()"
@@ -216,10 +226,11 @@ class LikelihoodWeighting:
 
     Song, Durkan, Murray & Ermon 2021 ("Maximum likelihood training of score-based diffusion
     models"), Theorem 1 / eq. 10; pair with `LikelihoodImportanceSampler` to cut its variance.
+    In phase space λ is the block G G^T (Dockhorn et al. 2022, eq. 11).
     """
 
     def __call__(self, sde, t: torch.Tensor) -> torch.Tensor:
-        return _diffusion(sde, t).pow(2)
+        return phase_outer(_diffusion(sde, t))
 
     def __repr__(self) -> str:
         return "LikelihoodWeighting()"
@@ -230,7 +241,7 @@ class LikelihoodWeighting:
 
 def denoising_score_matching(
     score_fn: Callable,
-    sde,
+    sde: SDE,
     x0: torch.Tensor,
     t: torch.Tensor,
     weighting: Callable,
@@ -238,32 +249,29 @@ def denoising_score_matching(
     *,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """1/2 λ(t) |s(x_t, t) + z / σ_t|^2 per sample [B], x_t = α_t x0 + σ_t z, z ~ N(0, I).
+    """1/2 |s(z_t, t) - ∇log p_0t(z_t | x0)|^2_λ per sample [B], z_t = mean + L ε, ε ~ N(0, I).
 
-    Vincent 2011; Song et al. 2021, eq. 7 (∇ log p_0t(x_t | x0) = -z / σ_t). `weighting` is a
-    callable (sde, t) -> λ(t) [B]; `noise` fixes z (drawn from `generator` otherwise).
+    Vincent 2011; Song et al. 2021, eq. 7: for K = 1, x_t = α_t x0 + σ_t ε and the target is
+    -ε / σ_t. The kernel comes from `sde.kernel(x0, t)` for any SDE of the engine, so in phase
+    space the same line is DSM on the state (Dockhorn et al. 2022). `weighting` is a callable
+    (sde, t) -> λ(t), [B] or a [B, K, K] block; `noise` fixes ε (drawn from `generator`
+    otherwise).
     """
+    kernel = _check_dsm_args(sde, x0, t, weighting)
+    eps = randn_like(kernel.mean, generator) if noise is None else noise
+    check_like("denoising_score_matching", "noise", eps, kernel.mean)
+    s = score_fn(kernel.sample(eps), t)
+    check_like("denoising_score_matching", "score_fn's output", s, kernel.mean)
+    return 0.5 * weighted_squared_norm(weighting(sde, t), s - kernel.score(eps))
+
+
+def _check_dsm_args(sde: SDE, x0, t, weighting):
+    """Validate the DSM arguments; returns the kernel p_t(z | x0)."""
     fn = "denoising_score_matching"
     _check_data(x0, fn)
     _check_time(t, x0.shape[0], fn)
-    if not callable(weighting):
-        raise TypeError(
-            f"{fn}: weighting must be a callable (sde, t) -> [B], e.g. SigmaSquaredWeighting(), "
-            f"got {weighting!r}"
-        )
-    if noise is None:
-        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    else:
-        _check_like(noise, x0, fn, "noise")
-        z = noise
-    mean, std = sde.marginal_prob(x0, t)
-    std = append_dims(std, x0.ndim)
-    s = score_fn(mean + std * z, t)
-    _check_like(s, x0, fn, "score_fn")
-    lam = weighting(sde, t)
-    if not isinstance(lam, torch.Tensor) or lam.shape != t.shape:
-        raise ValueError(f"{fn}: weighting must return a tensor [B] = [{t.shape[0]}]")
-    return 0.5 * lam * _sum_per_sample((s + z / std).pow(2))
+    check_callable(fn, "weighting", weighting, "(sde, t) -> [B], e.g. SigmaSquaredWeighting()")
+    return sde.kernel(x0, t)
 
 
 # --- samplers of t: .sample(n, generator) -> t [B], .weight(t) = 1 / q(t) ------------------
@@ -338,7 +346,12 @@ class LikelihoodImportanceSampler:
 
     _BISECTION_STEPS = 64  # halves [eps, T] below float64 resolution
 
-    def __init__(self, sde, eps: float = 1e-5, T: float | None = None):
+    def __init__(self, sde: SDE, eps: float = 1e-5, T: float | None = None):
+        if sde.K != 1:
+            raise ValueError(
+                f"LikelihoodImportanceSampler: q(t) ∝ g^2/σ^2 is defined for scalar SDEs (K = 1); "
+                f"{sde!r} has K = {sde.K} phase components"
+            )
         self.sde = sde
         self.eps, self.T = _check_interval(
             eps, sde.T if T is None else T, "LikelihoodImportanceSampler"
@@ -355,8 +368,8 @@ class LikelihoodImportanceSampler:
 
     def neg_log_snr(self, t: torch.Tensor) -> torch.Tensor:
         """F(t) = log(σ_t^2 / α_t^2), an antiderivative of g^2 / σ^2."""
-        alpha, sigma = self.sde.marginal_coefficients(t)
-        return 2.0 * (torch.log(sigma) - torch.log(alpha))
+        alpha, _ = self.sde.transition(torch.zeros_like(t), t)
+        return 2.0 * (torch.log(self.sde.marginal_scale(t)) - torch.log(alpha))
 
     def _check_identity(self) -> None:
         """Refuse an SDE for which dF/dt = g^2/σ^2 fails (its σ does not solve the SDE)."""

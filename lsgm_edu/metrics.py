@@ -8,14 +8,17 @@ images. Here the features come from torch-fidelity's PyTorch port of that graph
 TF-Inception numbers up to small differences (other float kernels and summation order, the
 resize to 299x299 reimplemented in PyTorch); compare numbers computed one way. FID is biased
 upwards at finite sample size (Chong & Forsyth 2020): use 50k samples to compare with the
-tables. For MNIST-size data, Inception features mean little: `classifier_fid` uses the
-penultimate features of a small digit classifier trained on the data (`DigitClassifier`).
+tables. Generated images are streamed (`stream_sample_statistics`: a batch at a time into
+running moments and Inception-score sums). KID (Bińkowski et al. 2018) needs feature samples,
+not moments: saved reference statistics keep the features of a seeded random subset of the
+reference images (`compute_reference_statistics(..., keep_features=K)`). For MNIST-size data,
+Inception features mean little: `classifier_fid` uses the penultimate features of a small digit
+classifier trained on the data (`lsgm_edu.nets.classifier`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,18 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .data import to_uint8
 from .likelihood import bits_per_dim
-from .nets.classifier import DigitClassifier
+from .nets.classifier import DigitClassifier, check_digit_images, classifier_input
 
 __all__ = [
     "INCEPTION_WEIGHTS_FILENAME",
     "INCEPTION_WEIGHTS_URL",
     "ImageStats",
     "InceptionFeatures",
+    "SampleStatistics",
     "classifier_accuracy",
     "classifier_features",
     "classifier_fid",
@@ -52,7 +56,8 @@ __all__ = [
     "nll_to_bits_per_dim",
     "save_classifier",
     "sliced_wasserstein",
-    "train_digit_classifier",
+    "sliced_wasserstein_ratio",
+    "stream_sample_statistics",
 ]
 
 # torch-fidelity's conversion of the TF graph inception-2015-12-05 (the FID/IS reference network)
@@ -181,6 +186,50 @@ def fid_from_features(features1, features2) -> float:
 # Inception score and kernel inception distance from features
 
 
+class _InceptionScoreParts:
+    """Running sums for the Inception score of n samples that arrive in batches, in order.
+
+    Split k holds rows [k n / S, (k + 1) n / S) (integer division), as in the reference code.
+    Per split, KL(p(y|x) || p(y)) averaged over x is E_x[sum_y p log p] - sum_y p(y) log p(y)
+    with p(y) = E_x p(y|x): two running sums per split, so no logits are kept.
+    """
+
+    def __init__(self, n: int, splits: int):
+        self.n, self.splits, self.seen = n, splits, 0
+        self.bounds = torch.tensor([k * n // splits for k in range(splits + 1)])
+        self.sum_p: torch.Tensor | None = None  # [S, C]
+        self.sum_plogp = torch.zeros(splits, dtype=torch.float64)
+
+    def update(self, logits: torch.Tensor) -> None:
+        log_p = torch.log_softmax(logits.detach().to("cpu", torch.float64), dim=1)
+        p = log_p.exp()
+        if self.sum_p is None:
+            self.sum_p = torch.zeros(self.splits, p.shape[1], dtype=torch.float64)
+        rows = torch.arange(self.seen, self.seen + p.shape[0])
+        if self.seen + p.shape[0] > self.n:
+            raise ValueError(f"inception_score: more than the announced {self.n} samples")
+        split = torch.searchsorted(self.bounds, rows, right=True) - 1
+        self.sum_p.index_add_(0, split, p)
+        self.sum_plogp.index_add_(0, split, (p * log_p).sum(1))
+        self.seen += p.shape[0]
+
+    def result(self) -> tuple[float, float]:
+        if self.seen != self.n:
+            raise ValueError(f"inception_score: got {self.seen} samples, announced {self.n}")
+        counts = (self.bounds[1:] - self.bounds[:-1]).to(torch.float64)
+        p_y = self.sum_p / counts[:, None]
+        kl = self.sum_plogp / counts - torch.xlogy(p_y, p_y).sum(1)
+        scores = kl.exp().numpy()
+        return float(np.mean(scores)), float(np.std(scores))
+
+
+def _check_splits(n: int, splits) -> None:
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"inception_score: splits must be an int >= 1, got {splits!r}")
+    if n < splits:
+        raise ValueError(f"inception_score: {n} samples cannot be cut into {splits} splits")
+
+
 def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     """Inception score exp(E_x KL(p(y|x) || p(y))) from class logits [N, C] (Salimans et al. 2016).
 
@@ -188,24 +237,16 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     mean of p(y|x) = softmax(logits) within a part, and the result is the (mean, std) over parts.
     The reference uses the 1008 Inception logits without the fc bias (`InceptionFeatures`).
     Ranges from 1 (all predictions equal) to C (confident and evenly spread over C classes).
+    `stream_sample_statistics` computes the same from batches without keeping the logits.
     """
     if isinstance(logits, np.ndarray):
         logits = torch.from_numpy(logits)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
         raise ValueError("inception_score: logits must be a float tensor [N, C]")
-    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"inception_score: splits must be an int >= 1, got {splits!r}")
-    n = logits.shape[0]
-    if n < splits:
-        raise ValueError(f"inception_score: {n} samples cannot be cut into {splits} splits")
-    log_p = torch.log_softmax(logits.to(torch.float64), dim=1)
-    scores = []
-    for k in range(splits):
-        part = log_p[k * n // splits : (k + 1) * n // splits]
-        log_marginal = torch.logsumexp(part, dim=0) - math.log(part.shape[0])
-        kl = (part.exp() * (part - log_marginal)).sum(1).mean()
-        scores.append(kl.exp().item())
-    return float(np.mean(scores)), float(np.std(scores))
+    _check_splits(logits.shape[0], splits)
+    parts = _InceptionScoreParts(logits.shape[0], splits)
+    parts.update(logits)
+    return parts.result()
 
 
 def _polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -262,17 +303,21 @@ def kernel_inception_distance(
 # Feature extraction over batches of uint8 images, and saved reference statistics
 
 
-def images_to_uint8(x: torch.Tensor, data_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
-    """Float images in data_range -> uint8 [0, 255], rounding to the nearest level and clipping.
+def images_to_uint8(x: torch.Tensor, data_range: tuple[float, float] = (-1.0, 1.0), *,
+                    discretization: str = "scale") -> torch.Tensor:
+    """Float images in data_range -> uint8 [0, 255], clipped: `data.to_uint8` with 256 levels.
 
-    Metrics see generated samples as 8-bit images, like the saved PNGs the reference code reads.
+    The rounding rule follows the training discretization: "scale" (data trained as x / 255)
+    rounds to the nearest level, "dequantize" (trained as (x + u) / 256) floors. Metrics see
+    generated samples as 8-bit images, like the saved PNGs the reference code reads.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError("images_to_uint8: x must be a floating-point tensor")
     low, high = (float(v) for v in data_range)
     if not low < high:
         raise ValueError(f"images_to_uint8: data_range must have low < high, got {data_range!r}")
-    return ((x - low) / (high - low) * 255.0).round().clamp(0, 255).to(torch.uint8)
+    x01 = (x.double() - low) / (high - low)
+    return to_uint8(x01, 256, discretization=discretization, centered=False)
 
 
 def _check_uint8_batch(fn: str, batch) -> torch.Tensor:
@@ -353,21 +398,27 @@ def extract_features(
 class ImageStats:
     """Mean [D] and covariance [D, D] (float64) of n images' features; `source` says of what.
 
-    Saved as .npz with keys mu, sigma, n, source; the precomputed TTUR / pytorch-fid files (keys
-    mu and sigma only) load too, with n = 0 (unknown).
+    `features` (float32 [M, D], optional) is a seeded uniformly random subset of the images'
+    features, which KID needs (an unbiased MMD of feature samples, not of moments). Saved as
+    .npz with keys mu, sigma, n, source (and features); the precomputed TTUR / pytorch-fid files
+    (keys mu and sigma only) load too, with n = 0 (unknown) and no features.
     """
 
     mu: np.ndarray
     sigma: np.ndarray
     n: int
     source: str = ""
+    features: np.ndarray | None = None
 
     def save(self, path: str | Path) -> Path:
         """Write the .npz atomically (temporary file, fsync, rename)."""
+        arrays = {"mu": self.mu, "sigma": self.sigma, "n": np.int64(self.n), "source": self.source}
+        if self.features is not None:
+            arrays["features"] = np.asarray(self.features, dtype=np.float32)
 
         def write(tmp):
             with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-                np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), source=self.source)
+                np.savez(f, **arrays)
 
         return ckpt.atomic_write_bytes(path, write)
 
@@ -386,9 +437,12 @@ class ImageStats:
             mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
             n = int(z["n"]) if "n" in z else 0
             source = str(z["source"]) if "source" in z else path.name
+            features = z["features"].astype(np.float32) if "features" in z else None
         if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
             raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not match")
-        return cls(mu, sigma, n, source)
+        if features is not None and (features.ndim != 2 or features.shape[1] != mu.shape[0]):
+            raise ValueError(f"{path}: features {features.shape} do not match mu {mu.shape}")
+        return cls(mu, sigma, n, source, features)
 
 
 class _RunningMoments:
@@ -417,6 +471,27 @@ class _RunningMoments:
         return (mean_c + self.shift).cpu().numpy(), sigma.cpu().numpy()
 
 
+class _RandomSubset:
+    """A uniformly random subset of k rows of a stream (bottom-k sampling): every row gets a
+    U(0, 1) key from a seeded generator and the k smallest keys are kept, so memory is k rows."""
+
+    def __init__(self, k: int, seed: int):
+        self.k, self.generator = k, torch.Generator().manual_seed(seed)
+        self.keys, self.rows = torch.empty(0, dtype=torch.float64), None
+
+    def update(self, f: torch.Tensor) -> None:
+        if self.k == 0:
+            return
+        f = f.detach().to("cpu", torch.float32)
+        keys = torch.cat([self.keys, torch.rand(f.shape[0], generator=self.generator,
+                                                dtype=torch.float64)])
+        rows = f if self.rows is None else torch.cat([self.rows, f])
+        if keys.shape[0] > self.k:
+            keep = torch.topk(keys, self.k, largest=False, sorted=True).indices
+            keys, rows = keys[keep], rows[keep]
+        self.keys, self.rows = keys, rows
+
+
 @torch.no_grad()
 def compute_reference_statistics(
     images,
@@ -424,6 +499,8 @@ def compute_reference_statistics(
     *,
     batch_size: int = 250,
     source: str = "",
+    keep_features: int = 0,
+    seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> ImageStats:
@@ -431,17 +508,92 @@ def compute_reference_statistics(
 
     For FID as in the papers: all training images (CIFAR-10 train, 50,000; CelebA-HQ 256, all
     30,000) through `InceptionFeatures(path).features`; save with `.save(path)` and reuse.
-    images / feature_fn as in `extract_features` (if feature_fn returns a tuple, its first
-    element is used).
+    `keep_features` > 0 also keeps the features of a uniformly random subset of that many
+    images (chosen by `seed`; all of them if fewer) as `.features`, for KID. images /
+    feature_fn as in `extract_features` (if feature_fn returns a tuple, its first element is
+    used).
     """
+    if isinstance(keep_features, bool) or not isinstance(keep_features, int) or keep_features < 0:
+        raise ValueError(f"compute_reference_statistics: keep_features must be an int >= 0, "
+                         f"got {keep_features!r}")
     batches, total = _uint8_batches("compute_reference_statistics", images, batch_size)
     device = _device_of(feature_fn) if device is None else torch.device(device)
-    moments = _RunningMoments()
+    moments, subset = _RunningMoments(), _RandomSubset(keep_features, seed)
     for batch in tqdm(batches, total=total, disable=not progress, desc="statistics"):
         out = feature_fn(batch.to(device))
-        moments.update(out[0] if isinstance(out, tuple) else out)
+        del batch
+        f = out[0] if isinstance(out, tuple) else out
+        moments.update(f)
+        subset.update(f)
     mu, sigma = moments.statistics()
-    return ImageStats(mu, sigma, moments.n, source)
+    features = None if subset.rows is None else subset.rows.numpy()
+    return ImageStats(mu, sigma, moments.n, source, features)
+
+
+@dataclass
+class SampleStatistics:
+    """What `stream_sample_statistics` keeps of n generated images: the feature moments
+    (`stats`), the features of the first `features.shape[0]` images (float32, for KID) and the
+    Inception score (mean, std over splits; None when the feature function gives no logits)."""
+
+    stats: ImageStats
+    features: torch.Tensor
+    inception_score: tuple[float, float] | None
+
+
+@torch.no_grad()
+def stream_sample_statistics(
+    batches,
+    feature_fn: FeatureFn,
+    num_images: int,
+    *,
+    is_splits: int = 10,
+    keep_features: int = 10_000,
+    source: str = "",
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> SampleStatistics:
+    """FID / IS / KID statistics of images that arrive in uint8 batches, holding one batch.
+
+    feature_fn(batch) -> pool features [B, D], or (pool [B, D], logits [B, C]) as
+    `InceptionFeatures` gives. Per batch: running mean and covariance of the features
+    (float64), running Inception-score sums over `is_splits` contiguous splits of the
+    `num_images` images (the same numbers `inception_score` gives on all logits at once), and
+    the features of the first `keep_features` images (generated images are i.i.d., so these
+    are a random subset). Nothing else is kept: for 50k CelebA-HQ 256 samples that is about
+    80 MB of features instead of 9.8 GB of images. `batches`: an iterable of uint8 [B, C, H, W]
+    (e.g. a generator that samples them); drop references to a batch once yielded.
+    """
+    fn = "stream_sample_statistics"
+    for name, v, low in (("num_images", num_images, 2), ("keep_features", keep_features, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{fn}: {name} must be an int >= {low}, got {v!r}")
+    _check_splits(num_images, is_splits)
+    device = _device_of(feature_fn) if device is None else torch.device(device)
+    moments, score, kept = _RunningMoments(), _InceptionScoreParts(num_images, is_splits), []
+    has_logits = None
+    bar = tqdm(total=num_images, disable=not progress, desc="features", unit="img")
+    for batch in batches:
+        batch = _check_uint8_batch(fn, batch)
+        b = batch.shape[0]
+        out = feature_fn(batch.to(device))
+        del batch  # the only images held are the batch being featurized
+        pool, logits = out if isinstance(out, tuple) else (out, None)
+        has_logits = logits is not None if has_logits is None else has_logits
+        moments.update(pool)
+        if logits is not None:
+            score.update(logits)
+        room = keep_features - sum(k.shape[0] for k in kept)
+        if room > 0:
+            kept.append(pool[:room].detach().to("cpu", torch.float32))
+        bar.update(b)
+    bar.close()
+    if moments.n != num_images:
+        raise ValueError(f"{fn}: got {moments.n} images, expected num_images={num_images}")
+    mu, sigma = moments.statistics()
+    features = torch.cat(kept) if kept else torch.empty(0, mu.shape[0])
+    return SampleStatistics(ImageStats(mu, sigma, moments.n, source), features,
+                            score.result() if has_logits else None)
 
 
 def fid_against_reference(
@@ -566,114 +718,18 @@ class InceptionFeatures(nn.Module):
 # Classifier-feature FID for MNIST-size data
 
 
-def _as_uint8_images(fn: str, images, image_size: int | None = None) -> torch.Tensor:
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    if isinstance(images, torch.Tensor) and images.ndim == 3:
-        images = images.unsqueeze(1)
-    images = _check_uint8_batch(fn, images)
-    if images.shape[1] != 1 or (image_size is not None and images.shape[2:] != (image_size,) * 2):
-        size = "H, W" if image_size is None else f"{image_size}, {image_size}"
-        raise ValueError(f"{fn}: expected grey images [N, 1, {size}], got {tuple(images.shape)}")
-    return images
-
-
-def _to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 {0..255} -> float32 [-1, 1], the package's data scaling."""
-    return images_uint8.to(torch.float32) / 127.5 - 1.0
-
-
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random affine jitter per image: rotation +-10 deg, scale 0.9-1.1, shift +-1/14 of the
-    side (2 pixels at 28x28)."""
-    b = x.shape[0]
-    u = torch.rand(b, 4, generator=generator) * 2 - 1
-    angle, scale = u[:, 0] * math.radians(10), 1 + 0.1 * u[:, 1]
-    shift = u[:, 2:] * (2 / 14)  # the grid spans [-1, 1], so 1/14 of the side is 2/14
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack(
-        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
-    ).to(x)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # sample x + 1 with zero padding, so the background stays at -1 (black)
-    return F.grid_sample(x + 1, grid, align_corners=False) - 1
-
-
-def train_digit_classifier(
-    images_uint8,
-    labels,
-    *,
-    steps: int = 1000,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    seed: int = 0,
-    num_classes: int = 10,
-    feature_dim: int = 128,
-    augment: bool = True,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-) -> DigitClassifier:
-    """Train a `DigitClassifier` on grey uint8 images [N, 1, H, W] (or [N, H, W]) and labels [N].
-
-    Adam with a cosine learning-rate decay, cross-entropy, minibatches drawn with replacement and
-    randomly jittered (`augment`; on 8x8 digits training without it does better), every draw
-    from a generator seeded by `seed`. Returns the model in eval mode; its
-    `metadata["training"]` records these arguments for the sidecar.
-    """
-    fn = "train_digit_classifier"
-    images = _as_uint8_images(fn, images_uint8)
-    labels = torch.as_tensor(labels).to(torch.int64).reshape(-1)
-    if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{fn}: {images.shape[0]} images but {labels.shape[0]} labels")
-    if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise ValueError(f"{fn}: labels must lie in {{0, ..., {num_classes - 1}}}")
-    for name, v in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{fn}: {name} must be an int >= 1, got {v!r}")
-    device = torch.device("cpu" if device is None else device)
-    g = torch.Generator().manual_seed(seed)
-    model = DigitClassifier(images.shape[-1], num_classes, feature_dim, generator=g).to(device)
-    x_all = _to_unit_range(images)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    model.train()
-    bar = tqdm(range(steps), disable=not progress, desc="classifier")
-    for _ in bar:
-        idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=g)
-        x = _augment(x_all[idx], g) if augment else x_all[idx]
-        loss = F.cross_entropy(model(x.to(device)), labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    model.eval()
-    model.metadata = {
-        "training": {
-            "function": f"lsgm_edu.metrics.{fn}",
-            "n_images": int(images.shape[0]),
-            "steps": steps,
-            "batch_size": batch_size,
-            "lr": lr,
-            "seed": seed,
-            "augment": augment,
-        }
-    }
-    return model
-
-
 @torch.no_grad()
 def classifier_features(
     classifier: DigitClassifier, images_uint8, *, batch_size: int = 500
 ) -> torch.Tensor:
     """Penultimate features [N, feature_dim] of grey uint8 images [N, 1, H, W] (or [N, H, W])."""
-    images = _as_uint8_images("classifier_features", images_uint8, classifier.image_size)
+    images = check_digit_images("classifier_features", images_uint8, classifier.image_size)
     was_training = classifier.training
     classifier.eval()
     try:
         return extract_features(
             images,
-            lambda b: classifier.features(_to_unit_range(b)),
+            lambda b: classifier.features(classifier_input(b)),
             batch_size=batch_size,
             device=_device_of(classifier),
         )
@@ -686,14 +742,14 @@ def classifier_accuracy(
     classifier: DigitClassifier, images_uint8, labels, *, batch_size: int = 500
 ) -> float:
     """Fraction of images whose arg-max logit is the label."""
-    images = _as_uint8_images("classifier_accuracy", images_uint8, classifier.image_size)
+    images = check_digit_images("classifier_accuracy", images_uint8, classifier.image_size)
     labels = torch.as_tensor(labels).to(torch.int64).reshape(-1)
     was_training = classifier.training
     classifier.eval()
     try:
         logits = extract_features(
             images,
-            lambda b: classifier(_to_unit_range(b)),
+            lambda b: classifier(classifier_input(b)),
             batch_size=batch_size,
             device=_device_of(classifier),
         )
@@ -746,7 +802,8 @@ def load_classifier(path: str | Path, *, device: torch.device | str = "cpu") -> 
     if not stem.with_suffix(".json").is_file():
         raise FileNotFoundError(
             f"load_classifier: {stem.with_suffix('.json')} not found; train one with "
-            f"train_digit_classifier and save_classifier"
+            f"lsgm_edu.nets.classifier.train_digit_classifier and save_classifier (or `python "
+            f"-m lsgm_edu train-classifier`)"
         )
     tensors, meta = ckpt.load_checkpoint(stem.with_suffix(".json"))
     if meta.get("kind") != CLASSIFIER_KIND:
@@ -776,3 +833,67 @@ def nll_to_bits_per_dim(nll_nats, num_dims: int, num_levels: int = 256, centered
     data_range = (-1.0, 1.0) if centered else (0.0, 1.0)
     bpd = bits_per_dim(-nll, num_dims, num_levels, data_range)
     return bpd.item() if as_float else bpd
+
+
+# ----------------------------------------------------------------------------------------------
+# Sliced Wasserstein against the i.i.d. baseline
+
+
+def sliced_wasserstein_ratio(
+    samples: torch.Tensor,
+    sample_true: Callable[[int, torch.Generator | None], torch.Tensor],
+    *,
+    sets: int = 1,
+    references: int = 1,
+    baseline_pairs: int = 16,
+    n_projections: int = 256,
+    generator: torch.Generator | None = None,
+    projection_seed: int = 0,
+    return_parts: bool = False,
+):
+    """SW2 of samples to fresh true samples, over the SW2 between two independent true samples.
+
+    `samples` [S * n, D] is split into S = `sets` sets of n; each is compared with `references`
+    fresh true sets of n drawn by `sample_true(n, generator)` (e.g. `gmm.sample`), and the mean
+    distance is divided by the i.i.d. baseline, the mean SW2 between `baseline_pairs` pairs of
+    independent true sets of n: what sampling noise alone gives at this n. A sampler that draws
+    from the target gives a ratio near 1 (as close as the two means' Monte Carlo error allows);
+    a biased one, a ratio that grows with n. Every distance uses the same `n_projections`
+    directions, seeded by `projection_seed`, so projection noise largely cancels in the ratio.
+    SW2 is `sliced_wasserstein` (Rabin et al. 2011); draws come from `generator` only.
+    Returns the ratio (float), or with `return_parts=True` the tuple (ratio, distances
+    [S * references], baseline distances [baseline_pairs]).
+    """
+    fn = "sliced_wasserstein_ratio"
+    for name, v in (("sets", sets), ("references", references), ("baseline_pairs", baseline_pairs)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{fn}: {name} must be an int >= 1, got {v!r}")
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 2:
+        raise ValueError(f"{fn}: samples must be a tensor [N, D], got {samples!r:.80}")
+    if not callable(sample_true):
+        raise TypeError(f"{fn}: sample_true must be a callable (n, generator) -> [n, D]")
+    if samples.shape[0] < sets or samples.shape[0] % sets:
+        raise ValueError(
+            f"{fn}: {samples.shape[0]} samples do not split into {sets} sets of equal size"
+        )
+    n = samples.shape[0] // sets
+
+    def draw() -> torch.Tensor:
+        x = sample_true(n, generator)
+        if not isinstance(x, torch.Tensor) or x.shape != (n, samples.shape[1]):
+            raise ValueError(
+                f"{fn}: sample_true({n}, generator) must return a tensor of shape "
+                f"{(n, samples.shape[1])}, got {getattr(x, 'shape', type(x).__name__)}"
+            )
+        return x
+
+    def swd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator(device=a.device).manual_seed(projection_seed)
+        return sliced_wasserstein(a, b, n_projections, g)
+
+    distances = torch.stack(
+        [swd(x, draw()) for x in samples.chunk(sets) for _ in range(references)]
+    )
+    baselines = torch.stack([swd(draw(), draw()) for _ in range(baseline_pairs)])
+    ratio = (distances.mean() / baselines.mean()).item()
+    return (ratio, distances, baselines) if return_parts else ratio

@@ -22,11 +22,17 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm, trange
 
-from .utils import append_dims
+from .checks import check_float, check_int, check_interval_eps, check_shape, check_tensor
+from .sde import SDE
+from .utils import append_dims, phase_apply, randn, randn_like
 
 __all__ = [
+    "PREDICTORS",
     "ChainRecorder",
     "annealed_langevin",
+    "check_ode_args",
+    "check_pc_args",
+    "corrector_alpha",
     "euler_maruyama",
     "euler_maruyama_step",
     "langevin",
@@ -34,6 +40,7 @@ __all__ = [
     "langevin_log_proposal",
     "langevin_proposal",
     "mala",
+    "per_sample_time",
     "predictor_corrector",
     "probability_flow",
     "reverse_diffusion_step",
@@ -43,32 +50,22 @@ __all__ = [
 
 
 def _check_args(fn: str, x0, step_size, n_steps) -> float:
-    if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.ndim < 1:
-        raise ValueError(f"{fn}: x0 must be a floating-point tensor [B, ...] (one row per chain)")
-    if isinstance(step_size, torch.Tensor):
-        if step_size.numel() != 1:
-            raise ValueError(
-                f"{fn}: step_size must be a positive scalar, got shape {tuple(step_size.shape)}"
-            )
-        step_size = step_size.item()
-    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
+    check_tensor(fn, "x0", x0)  # one row per chain
+    if isinstance(step_size, torch.Tensor) and step_size.numel() != 1:
+        raise ValueError(
+            f"{fn}: step_size must be a positive scalar, got shape {tuple(step_size.shape)}"
+        )
+    if isinstance(step_size, bool) or not isinstance(step_size, (int, float, torch.Tensor)):
         raise TypeError(f"{fn}: step_size must be a positive float, got {step_size!r}")
-    if not (math.isfinite(step_size) and step_size > 0):
-        raise ValueError(f"{fn}: step_size must be finite and > 0, got {step_size!r}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
-        raise ValueError(f"{fn}: n_steps must be an int >= 0, got {n_steps!r}")
-    return float(step_size)
-
-
-def _gaussian_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    check_int(fn, "n_steps", n_steps, 0)
+    return check_float(fn, "step_size", step_size, positive=True)
 
 
 def langevin_proposal(x, score, step_size, generator=None):
     """One Langevin step y = x + eps s(x) + sqrt(2 eps) z, given `score` = s(x).
 
     The Euler-Maruyama step of dX = grad log p(X) dt + sqrt(2) dW (Roberts & Tweedie 1996)."""
-    return x + step_size * score + math.sqrt(2.0 * step_size) * _gaussian_noise(x, generator)
+    return x + step_size * score + math.sqrt(2.0 * step_size) * randn_like(x, generator)
 
 
 def langevin_log_proposal(y, x, score_x, step_size):
@@ -204,27 +201,11 @@ _FIXED_METHODS = ("euler", "midpoint", "rk4")
 
 
 def _check_steps(fn: str, steps, name: str = "steps") -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{fn}: {name} must be an int >= 1, got {steps!r}")
-    return steps
+    return check_int(fn, name, steps, 1)
 
 
-def _check_shape(fn: str, shape) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{fn}: shape must be a sequence of ints [B, ...], got {shape!r}"
-        ) from None
-    if len(shape) < 1 or any(s < 1 for s in shape):
-        raise ValueError(f"{fn}: shape must be a non-empty sequence of ints >= 1, got {shape}")
-    return shape
-
-
-def _check_eps(fn: str, sde, eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < sde.T:
-        raise ValueError(f"{fn}: eps must be a float in (0, T) = (0, {sde.T}), got {eps!r}")
-    return float(eps)
+def _check_eps(fn: str, sde: SDE, eps) -> float:
+    return check_interval_eps(fn, eps, sde.T)
 
 
 def reverse_time_grid(T: float, eps: float, steps: int) -> list[float]:
@@ -238,19 +219,19 @@ def reverse_time_grid(T: float, eps: float, steps: int) -> list[float]:
     return grid + [0.0]
 
 
-def _per_sample(t: float, x: torch.Tensor) -> torch.Tensor:
+def per_sample_time(t: float, x: torch.Tensor) -> torch.Tensor:
+    """The time t for every sample of x: [B] in x's dtype and device."""
     return torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
 
 
 def euler_maruyama_step(rsde, x, t, dt, generator=None):
-    """x_mean = x + drift dt, x = x_mean + g sqrt(-dt) z for dt < 0 (Song et al. 2021, App. E).
+    """x_mean = x + drift dt, x = x_mean + G sqrt(-dt) z for dt < 0 (Song et al. 2021, App. E).
 
     rsde: `sde.reverse(score_fn)`; t: [B]; dt: float. Returns (x, x_mean).
     """
     drift, diffusion = rsde.sde(x, t)
     x_mean = x + drift * dt
-    noise = append_dims(diffusion, x.ndim) * math.sqrt(-dt)
-    return x_mean + noise * _gaussian_noise(x, generator), x_mean
+    return x_mean + phase_apply(diffusion * math.sqrt(-dt), randn_like(x, generator)), x_mean
 
 
 def reverse_diffusion_step(rsde, x, t, dt=None, generator=None):
@@ -261,7 +242,7 @@ def reverse_diffusion_step(rsde, x, t, dt=None, generator=None):
     """
     f, G = rsde.discretize(x, t)
     x_mean = x - f
-    return x_mean + append_dims(G, x.ndim) * _gaussian_noise(x, generator), x_mean
+    return x_mean + phase_apply(G, randn_like(x, generator)), x_mean
 
 
 def langevin_corrector_step(score_fn, x, t, snr, alpha=1.0, generator=None):
@@ -273,7 +254,7 @@ def langevin_corrector_step(score_fn, x, t, snr, alpha=1.0, generator=None):
     (x, x_mean).
     """
     score = score_fn(x, t)
-    z = _gaussian_noise(x, generator)
+    z = randn_like(x, generator)
     score_norm = score.reshape(score.shape[0], -1).norm(dim=-1).mean()
     noise_norm = z.reshape(z.shape[0], -1).norm(dim=-1).mean()
     # An all-zero score (every x at a stationary point) would give an infinite step: no step.
@@ -284,21 +265,28 @@ def langevin_corrector_step(score_fn, x, t, snr, alpha=1.0, generator=None):
     return x_mean + torch.sqrt(2 * step) * z, x_mean
 
 
-_PREDICTORS = {"euler_maruyama": euler_maruyama_step, "reverse_diffusion": reverse_diffusion_step}
+def corrector_alpha(sde: SDE, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """alpha of the Langevin corrector at t before a step to t_next: A(t_next, t)^2 [B].
+
+    DDPM's 1 - beta_i for VP and sub-VP, 1 for VE (Song et al. 2021, Algorithm 5); for a block
+    A the squared geometric mean of its eigenvalues, |det A|^(2 / K).
+    """
+    A, _ = sde.transition(t_next, t)
+    return A**2 if A.ndim == 1 else torch.linalg.det(A).abs() ** (2.0 / A.shape[-1])
 
 
-@torch.no_grad()
-def _check_pc_args(fn: str, sde, steps, snr, n_corrector, predictor, eps) -> tuple[int, float]:
+PREDICTORS = {"euler_maruyama": euler_maruyama_step, "reverse_diffusion": reverse_diffusion_step}
+
+
+def check_pc_args(fn: str, sde: SDE, steps, snr, n_corrector, predictor, eps) -> tuple[int, float]:
     """Validate predictor-corrector arguments; returns (steps, eps)."""
     steps, eps = _check_steps(fn, steps), _check_eps(fn, sde, eps)
-    if predictor not in _PREDICTORS:
+    if predictor not in PREDICTORS:
         raise ValueError(
-            f"{fn}: unknown predictor {predictor!r}; choose one of {sorted(_PREDICTORS)}"
+            f"{fn}: unknown predictor {predictor!r}; choose one of {sorted(PREDICTORS)}"
         )
-    if isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or n_corrector < 0:
-        raise ValueError(f"{fn}: n_corrector must be an int >= 0, got {n_corrector!r}")
-    if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not 0 < snr < math.inf:
-        raise ValueError(f"{fn}: snr must be a finite float > 0, got {snr!r}")
+    check_int(fn, "n_corrector", n_corrector, 0)
+    check_float(fn, "snr", snr, positive=True)
     if predictor == "reverse_diffusion" and steps != sde.N:
         raise ValueError(
             f"{fn}: the reverse_diffusion predictor runs the SDE's own {sde.N}-step chain "
@@ -308,8 +296,9 @@ def _check_pc_args(fn: str, sde, steps, snr, n_corrector, predictor, eps) -> tup
     return steps, eps
 
 
+@torch.no_grad()
 def predictor_corrector(
-    sde,
+    sde: SDE,
     score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     shape,
     steps: int = 1000,
@@ -331,20 +320,21 @@ def predictor_corrector(
     corrector steps at that time, then one predictor step to the next time: "reverse_diffusion"
     (the SDE's discretize chain: needs steps == sde.N) or "euler_maruyama". n_corrector=0 is
     the predictor alone. The corrector's alpha is (alpha(t_i) / alpha(t_{i+1}))^2, DDPM's
-    1 - beta_i for VP and sub-VP and 1 for VE. Returns the last predictor step's x_mean
-    (denoise=True, as the reference) or its x. shape: [B, ...]; device/dtype of the samples.
+    1 - beta_i for VP and sub-VP and 1 for VE (`corrector_alpha`). Returns the last predictor
+    step's x_mean (denoise=True, as the reference) or its x. shape: the state shape [B, ...];
+    device/dtype of the samples.
     """
     fn = "predictor_corrector"
-    shape = _check_shape(fn, shape)
-    steps, eps = _check_pc_args(fn, sde, steps, snr, n_corrector, predictor, eps)
-    predictor_step = _PREDICTORS[predictor]
+    shape = check_shape(fn, shape)
+    steps, eps = check_pc_args(fn, sde, steps, snr, n_corrector, predictor, eps)
+    predictor_step = PREDICTORS[predictor]
     rsde = sde.reverse(score_fn)
     x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
     grid = reverse_time_grid(sde.T, eps, steps)
     for i in trange(steps, disable=not progress, desc=fn):
-        t, t_next = _per_sample(grid[i], x), _per_sample(grid[i + 1], x)
+        t, t_next = per_sample_time(grid[i], x), per_sample_time(grid[i + 1], x)
         if n_corrector:
-            alpha = (sde.marginal_coefficients(t)[0] / sde.marginal_coefficients(t_next)[0]) ** 2
+            alpha = corrector_alpha(sde, t, t_next)
             for _ in range(n_corrector):
                 x, _ = langevin_corrector_step(score_fn, x, t, snr, alpha, generator)
         x, x_mean = predictor_step(rsde, x, t, grid[i + 1] - grid[i], generator)
@@ -355,7 +345,7 @@ def predictor_corrector(
 
 @torch.no_grad()
 def euler_maruyama(
-    sde,
+    sde: SDE,
     score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     shape,
     steps: int = 1000,
@@ -428,7 +418,7 @@ class _ProbabilityFlowODE:
         return out
 
 
-def _check_ode_args(fn: str, method, steps):
+def check_ode_args(fn: str, method, steps):
     if method in _ADAPTIVE_METHODS:
         if steps is not None:
             raise ValueError(
@@ -447,7 +437,7 @@ def _check_ode_args(fn: str, method, steps):
 
 
 def solve_probability_flow(
-    sde,
+    sde: SDE,
     score_fn,
     x: torch.Tensor,
     t_start: float,
@@ -465,7 +455,7 @@ def solve_probability_flow(
 
     Adaptive methods use rtol/atol; fixed-step ones take `steps` equal steps. Time is float64.
     """
-    _check_ode_args("solve_probability_flow", method, steps)
+    check_ode_args("solve_probability_flow", method, steps)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
         raise ValueError("solve_probability_flow: x must be a floating-point tensor [B, ...]")
     rsde = sde.reverse(score_fn, probability_flow=True)
@@ -477,7 +467,7 @@ def solve_probability_flow(
 
 @torch.no_grad()
 def probability_flow(
-    sde,
+    sde: SDE,
     score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     shape,
     method: str = "dopri5",
@@ -504,11 +494,11 @@ def probability_flow(
     return_nfe=True; nfe counts score evaluations. The callback gets one call per solver step.
     """
     fn = "probability_flow"
-    _check_ode_args(fn, method, steps)
+    check_ode_args(fn, method, steps)
     eps = _check_eps(fn, sde, eps)
     if z is None:
         z = sde.prior_sampling(
-            _check_shape(fn, shape), generator=generator, device=device, dtype=dtype
+            check_shape(fn, shape), generator=generator, device=device, dtype=dtype
         )
     elif not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.ndim < 1:
         raise ValueError(f"{fn}: z must be a floating-point tensor [B, ...] (a prior draw)")
@@ -519,7 +509,7 @@ def probability_flow(
         callback=callback, progress=progress,
     )  # fmt: skip
     if denoise:
-        _, x = reverse_diffusion_step(sde.reverse(score_fn), x, _per_sample(eps, x))
+        _, x = reverse_diffusion_step(sde.reverse(score_fn), x, per_sample_time(eps, x))
         nfe += 1
     return (x, nfe) if return_nfe else x
 
@@ -566,9 +556,7 @@ def annealed_langevin(
     ):
         raise ValueError(f"{fn}: step_lr must be a finite float > 0, got {step_lr!r}")
     if x0 is None:
-        x = sigmas[0].item() * torch.randn(
-            _check_shape(fn, shape), generator=generator, device=device, dtype=dtype
-        )
+        x = sigmas[0].item() * randn(check_shape(fn, shape), generator, device=device, dtype=dtype)
     elif not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.ndim < 1:
         raise ValueError(f"{fn}: x0 must be a floating-point tensor [B, ...]")
     else:
@@ -577,10 +565,10 @@ def annealed_langevin(
     with tqdm(total=len(sigmas) * n_steps_each, disable=not progress, desc=fn) as bar:
         for level, sigma in enumerate(sigmas.tolist()):
             step_size = 0.5 * step_lr * (sigma / sigmas[-1].item()) ** 2  # eps = alpha_i / 2
-            s = _per_sample(sigma, x)
+            s = per_sample_time(sigma, x)
             for j in range(n_steps_each):
                 x_mean = x + step_size * score_fn(x, s)
-                x = x_mean + math.sqrt(2 * step_size) * _gaussian_noise(x, generator)
+                x = x_mean + math.sqrt(2 * step_size) * randn_like(x, generator)
                 if callback is not None:
                     i = level * n_steps_each + j
                     callback({"i": i, "sigma": sigma, "x": x, "x_mean": x_mean})

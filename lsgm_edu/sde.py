@@ -1,10 +1,19 @@
-"""Scalar linear SDEs dx = f(t) x dt + g(t) dW: VP, sub-VP and VE (Song et al. 2021).
+"""Linear SDEs dz = F(t) z dt + G(t) dW over K phase components: the one engine of the book.
 
-Each SDE states its two scalar coefficients once (`sde_coefficients`) and its Gaussian
-perturbation kernel p_t(x | x0) = N(alpha(t) x0, sigma(t)^2 I) (`marginal_coefficients`);
-the drift, the marginals, the prior, the DDPM/SMLD discretizations and the reverse-time SDE
-or probability-flow ODE all derive from them. Times `t` are per-sample tensors [B]; data are
-[B, ...] of any shape; results follow the dtype and device of `x` (or of `t` alone).
+K = 1 (VP, sub-VP, VE of Song et al. 2021): the state is the data, F = f(t) and G = g(t) are
+per-sample scalars, and the perturbation kernel is p_t(x | x0) = N(alpha(t) x0, sigma(t)^2 I).
+K = 2 (phase space: CLD, PSLD): the state z = (x, m) stacks data and momentum along dim 1
+(channels for images, features for vectors), F and G are K x K blocks acting on the phase
+components, and every marginal is Gaussian with a K x K covariance per data coordinate.
+
+One primitive serves every consumer: the transition z_t | z_s = N(A(s, t) z_s, Sigma(s, t)),
+`transition(s, t) -> (A, Sigma)`, as [B] scalars (K = 1) or [B, K, K] blocks (float64). From
+it come the Gaussian kernel of z_t given data x0 (`kernel(x0, t)`: mean and Cholesky factor L,
+`sample(eps) = mean + L eps`, `score(eps) = -L^{-T} eps`), the losses, the epsilon-wrapper,
+the Gaussian-mixture oracle and the samplers. Each SDE also owns its noise label for the
+networks (`noise_label(t)`), its prior on the state (`prior_sampling`, `prior_logp`) and the
+lift / project between data x and state z. Times `t` are per-sample tensors [B]; results follow
+the dtype and device of the state.
 """
 
 from __future__ import annotations
@@ -15,40 +24,29 @@ from collections.abc import Callable
 
 import torch
 
-from lsgm_edu.utils import append_dims
+from lsgm_edu.checks import check_float, check_int, check_tensor, check_time
+from lsgm_edu.kernel import GaussianKernel, eps_to_score
+from lsgm_edu.utils import append_dims, phase_apply, phase_block, phase_outer, randn
 
-__all__ = ["SDE", "VESDE", "VPSDE", "ReverseSDE", "SubVPSDE"]
+__all__ = [
+    "SDE",
+    "VESDE",
+    "VPSDE",
+    "GaussianKernel",
+    "LinearSDE",
+    "ReverseSDE",
+    "ScalarSDE",
+    "SubVPSDE",
+    "eps_to_score",
+]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _check_number(v, name: str, cls: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{cls}: {name} must be a finite number, got {v!r}")
-    return float(v)
-
-
-def _check_time(t, fn: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise ValueError(
-            f"{fn}: t must be a floating-point torch.Tensor of times (one per sample, shape [B]), "
-            f"got {type(t).__name__}"
-            + (f" of dtype {t.dtype}" if isinstance(t, torch.Tensor) else "")
-        )
-    return t
-
-
 def _check_x_t(x, t, fn: str) -> torch.Tensor:
     """Validate x [B, ...] and t [B]; return t on x's device in the promoted float dtype."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
-        raise ValueError(f"{fn}: x must be a floating-point torch.Tensor of shape [B, ...]")
-    _check_time(t, fn)
-    if t.shape != (x.shape[0],):
-        raise ValueError(
-            f"{fn}: t must have shape [B] = [{x.shape[0]}] (one time per sample of x with shape "
-            f"{tuple(x.shape)}), got {tuple(t.shape)}; for a shared time use "
-            f"torch.full((B,), t)"
-        )
+    check_tensor(fn, "x", x)
+    check_time(fn, t, x.shape[0])
     return t.to(device=x.device, dtype=torch.promote_types(t.dtype, x.dtype))
 
 
@@ -59,77 +57,101 @@ def _sqrt_clamped(v: torch.Tensor) -> torch.Tensor:
 
 
 class SDE(abc.ABC):
-    """A linear SDE dx = f(t) x dt + g(t) dW on [0, T] (Song et al. 2021, eq. 5).
+    """A linear SDE dz = F(t) z dt + G(t) dW on [0, T] over K phase components (Song et al. 2021,
+    eq. 5; Dockhorn et al. 2022, eq. 5; Pandey & Mandt 2023, eq. 4).
 
-    Subclasses implement `sde_coefficients(t) -> (f, g)` and `marginal_coefficients(t) ->
-    (alpha, sigma)`, and set `prior_std` (the prior is N(0, prior_std^2 I)).
+    A subclass states `sde_coefficients(t) -> (F, G)`, `transition(s, t) -> (A, Sigma)`,
+    `lift_covariance` (the K x K law of z0 given x0), `prior_sampling` / `prior_logp`; the
+    drift, kernel, discretization and reverse-time SDE derive from them. K = 1 subclasses derive
+    from `ScalarSDE`, which states the kernel as alpha(t), sigma(t) instead.
     """
 
     T: float = 1.0
-    prior_std: float = 1.0
+    K: int = 1
 
     def __init__(self, N: int = 1000):
-        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-            raise ValueError(
-                f"{type(self).__name__}: N must be an int >= 1 (number of discretization steps), "
-                f"got {N!r}"
-            )
-        self.N = N
+        self.N = check_int(type(self).__name__, "N", N, 1)  # discretization steps
+
+    # --- what a subclass states -------------------------------------------------------------
 
     @abc.abstractmethod
     def sde_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scalar drift coefficient f(t) and diffusion g(t), each shaped like t."""
+        """Drift coefficient F(t) and diffusion G(t): [B] scalars or [B, K, K] blocks."""
 
     @abc.abstractmethod
-    def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """alpha(t), sigma(t) of the kernel p_t(x | x0) = N(alpha x0, sigma^2 I), shaped like t."""
+    def transition(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A(s, t), Sigma(s, t) of z_t | z_s = N(A z_s, Sigma): [B] or [B, K, K]."""
 
-    def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward drift f(t) x (like x) and diffusion g(t) [B] (Song et al. 2021, eq. 5)."""
-        t = _check_x_t(x, t, f"{type(self).__name__}.sde")
-        f, g = self.sde_coefficients(t)
-        return append_dims(f.to(x.dtype), x.ndim) * x, g.to(x.dtype)
+    @property
+    @abc.abstractmethod
+    def lift_covariance(self) -> torch.Tensor:
+        """Covariance [K, K] (float64) of z0 = (x0, m0) given x0: zero for K = 1."""
 
-    def marginal_prob(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean alpha(t) x0 (like x0) and std sigma(t) [B] of p_t(x | x0) (Song et al., eq. 29)."""
-        t = _check_x_t(x0, t, f"{type(self).__name__}.marginal_prob")
-        alpha, sigma = self.marginal_coefficients(t)
-        return append_dims(alpha.to(x0.dtype), x0.ndim) * x0, sigma.to(x0.dtype)
+    @abc.abstractmethod
+    def prior_sampling(self, shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+        """A draw z_T of the prior on the state, of `shape` [B, K * C, ...]."""
 
-    def prior_sampling(
-        self,
-        shape,
-        generator: torch.Generator | None = None,
-        device=None,
-        dtype: torch.dtype | None = None,
-    ) -> torch.Tensor:
-        """Draw x_T ~ N(0, prior_std^2 I) of `shape` (device defaults to the generator's)."""
-        try:
-            shape = torch.Size(shape)
-        except TypeError:
-            shape = None
-        if shape is None or len(shape) < 1 or any(s < 0 for s in shape):
-            raise ValueError(
-                f"{type(self).__name__}.prior_sampling: shape must be a sequence of ints [B, ...]"
-            )
-        if device is None:
-            device = generator.device if generator is not None else torch.device("cpu")
-        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        return self.prior_std * z
-
+    @abc.abstractmethod
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
-        """log N(z; 0, prior_std^2 I) in nats [B], summed over all non-batch dims."""
-        if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.ndim < 1:
+        """log prior(z) in nats [B], summed over all non-batch dims."""
+
+    # --- derived ----------------------------------------------------------------------------
+
+    def noise_label(self, t: torch.Tensor) -> torch.Tensor:
+        """c(t) that a network sees instead of t: 999 t, the DDPM++ convention."""
+        return 999.0 * t
+
+    def sde(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward drift F(t) z (like z) and diffusion G(t), [B] or [B, K, K] (eq. 5)."""
+        t = _check_x_t(z, t, f"{type(self).__name__}.sde")
+        F, G = self.sde_coefficients(t)
+        return phase_apply(F, z), G.to(z.dtype)
+
+    def marginal_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """L(t): Cholesky factor [B, K, K] (float64) of Cov(z_t | x0) = A C A^T + Sigma(0, t)."""
+        A, Sigma = self.transition(torch.zeros_like(t), t)
+        A, Sigma = phase_block(A).double(), phase_block(Sigma).double()
+        cov = A @ self.lift_covariance.to(A.device) @ A.mT + Sigma
+        L, info = torch.linalg.cholesky_ex(cov)
+        if bool((info > 0).any()):
             raise ValueError(
-                f"{type(self).__name__}.prior_logp: z must be a floating-point tensor [B, ...]"
+                f"{type(self).__name__}.marginal_scale: the kernel covariance is singular at some "
+                f"t (t = 0, where z_0 given x0 is degenerate?); evaluate at t >= eps > 0"
             )
-        n_dims = math.prod(z.shape[1:])
-        var = self.prior_std**2
-        sq = z.pow(2).reshape(z.shape[0], -1).sum(-1)
-        return -0.5 * n_dims * math.log(2 * math.pi * var) - 0.5 * sq / var
+        return L
+
+    def embed(self, x0: torch.Tensor) -> torch.Tensor:
+        """The state (x0, 0, ..., 0): data in the first phase component, zeros elsewhere."""
+        return torch.cat([x0] + [torch.zeros_like(x0)] * (self.K - 1), dim=1)
+
+    def kernel(self, x0: torch.Tensor, t: torch.Tensor) -> GaussianKernel:
+        """p_t(z | x0) = N(A(0, t) (x0, 0), L L^T) for data x0 [B, C, ...] (m0 integrated out)."""
+        t = _check_x_t(x0, t, f"{type(self).__name__}.kernel")
+        A, _ = self.transition(torch.zeros_like(t), t)
+        return GaussianKernel(phase_apply(A, self.embed(x0)), self.marginal_scale(t))
+
+    def lift(self, x0: torch.Tensor, generator=None) -> torch.Tensor:
+        """A draw of z0 given data x0: (x0, m0) with m0 from the lift covariance (K = 1: x0)."""
+        if self.K == 1:
+            return x0
+        C = self.lift_covariance.to(x0.device)
+        w, V = torch.linalg.eigh(C)
+        root = (V * w.clamp_min(0).sqrt()) @ V.mT
+        z0 = self.embed(x0)
+        noise = randn(z0.shape, generator, device=x0.device, dtype=x0.dtype)
+        return z0 + phase_apply(root.expand(x0.shape[0], -1, -1), noise)
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """The data component x of a state z = (x, m, ...): its first 1/K of dim 1."""
+        return z if self.K == 1 else z.chunk(self.K, dim=1)[0]
+
+    def state_shape(self, data_shape) -> tuple[int, ...]:
+        """The state shape [B, K * C, ...] of data of shape [B, C, ...]."""
+        data_shape = tuple(data_shape)
+        return (data_shape[0], self.K * data_shape[1], *data_shape[2:])
 
     def discretize(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """f, G [B] of x_{i+1} = x_i + f + G z with step T/N: Euler-Maruyama, f dt and g sqrt(dt).
+        """f, G of z_{i+1} = z_i + f + G z with step T/N: Euler-Maruyama, F z dt and G sqrt(dt).
 
         VPSDE and VESDE override this with the DDPM and SMLD chains (Song et al. 2021, eqs. 10, 8).
         """
@@ -152,11 +174,12 @@ class SDE(abc.ABC):
 
 
 class ReverseSDE:
-    """dx = [f(x, t) - c g(t)^2 score(x, t)] dt + g_rev(t) dW-bar, run from T down to 0.
+    """dz = [F z - c G G^T score(z, t)] dt + g_rev dW-bar, run from T down to 0.
 
-    c = 1 and g_rev = g for the reverse-time SDE (Song et al. 2021, eq. 6); c = 1/2 and
-    g_rev = 0 for the probability-flow ODE (eq. 13). Drift and diffusion are written in forward
-    time t, as in the paper: a sampler steps with dt < 0.
+    c = 1 and g_rev = G for the reverse-time SDE (Song et al. 2021, eq. 6); c = 1/2 and
+    g_rev = 0 for the probability-flow ODE (eq. 13). G G^T is g^2 for K = 1 and a K x K block
+    otherwise. Drift and diffusion are written in forward time t, as in the paper: a sampler
+    steps with dt < 0.
     """
 
     def __init__(self, forward: SDE, score_fn: ScoreFn, probability_flow: bool = False):
@@ -173,31 +196,98 @@ class ReverseSDE:
         return 0.5 if self.probability_flow else 1.0
 
     def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reverse drift f - g^2 s (f - 1/2 g^2 s for the ODE) like x, and diffusion [B]."""
-        drift, g = self.forward.sde(x, t)
+        """Reverse drift F z - G G^T s (F z - 1/2 G G^T s for the ODE) like z, and diffusion."""
+        drift, G = self.forward.sde(x, t)
         score = self.score_fn(x, t)
-        drift = drift - append_dims(g.pow(2) * self._weight(), x.ndim) * score
-        return drift, torch.zeros_like(g) if self.probability_flow else g
+        drift = drift - phase_apply(phase_outer(G) * self._weight(), score)
+        return drift, torch.zeros_like(G) if self.probability_flow else G
 
     def discretize(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reverse-diffusion rule x_{i-1} = x_i - f_rev + G_rev z (Song et al. 2021, App. E).
+        """Reverse-diffusion rule z_{i-1} = z_i - f_rev + G_rev z (Song et al. 2021, App. E).
 
-        f_rev = f - G^2 s, G_rev = G (f - 1/2 G^2 s and 0 for the probability flow).
+        f_rev = f - G G^T s, G_rev = G (f - 1/2 G G^T s and 0 for the probability flow).
         """
         f, G = self.forward.discretize(x, t)
         score = self.score_fn(x, t)
-        rev_f = f - append_dims(G.pow(2) * self._weight(), x.ndim) * score
+        rev_f = f - phase_apply(phase_outer(G) * self._weight(), score)
         return rev_f, torch.zeros_like(G) if self.probability_flow else G
 
 
-class _LinearBetaSDE(SDE):
+class ScalarSDE(SDE):
+    """A linear SDE dx = f(t) x dt + g(t) dW with scalar coefficients (K = 1).
+
+    Subclasses state `sde_coefficients(t) -> (f, g)` and `marginal_coefficients(t) ->
+    (alpha, sigma)` of p_t(x | x0) = N(alpha x0, sigma^2 I), and set `prior_std` (the prior is
+    N(0, prior_std^2 I)); the transition follows as A = alpha_t / alpha_s and
+    Sigma = sigma_t^2 - A^2 sigma_s^2.
+    """
+
+    K = 1
+    prior_std: float = 1.0
+
+    @abc.abstractmethod
+    def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha(t), sigma(t) of the kernel p_t(x | x0) = N(alpha x0, sigma^2 I), shaped like t."""
+
+    @property
+    def lift_covariance(self) -> torch.Tensor:
+        return torch.zeros(1, 1, dtype=torch.float64)
+
+    def transition(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A = alpha_t / alpha_s, Sigma = sigma_t^2 - A^2 sigma_s^2, each [B] (eq. 29)."""
+        (alpha_s, sigma_s), (alpha_t, sigma_t) = map(self.marginal_coefficients, (s, t))
+        A = alpha_t / alpha_s
+        return A, (sigma_t.pow(2) - A.pow(2) * sigma_s.pow(2)).clamp_min(0)
+
+    def marginal_prob(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean alpha(t) x0 (like x0) and std sigma(t) [B] of p_t(x | x0) (Song et al., eq. 29)."""
+        t = _check_x_t(x0, t, f"{type(self).__name__}.marginal_prob")
+        alpha, sigma = self.marginal_coefficients(t)
+        return append_dims(alpha.to(x0.dtype), x0.ndim) * x0, sigma.to(x0.dtype)
+
+    def marginal_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma(t) [B], the std of p_t(x | x0)."""
+        return self.marginal_coefficients(t)[1]
+
+    def kernel(self, x0: torch.Tensor, t: torch.Tensor) -> GaussianKernel:
+        """p_t(x | x0) = N(alpha x0, sigma^2 I) as a `GaussianKernel` with scale sigma [B]."""
+        return GaussianKernel(*self.marginal_prob(x0, t))
+
+    def prior_sampling(
+        self,
+        shape,
+        generator: torch.Generator | None = None,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Draw x_T ~ N(0, prior_std^2 I) of `shape` (device defaults to the generator's)."""
+        try:
+            shape = torch.Size(shape)
+        except TypeError:
+            shape = None
+        if shape is None or len(shape) < 1 or any(s < 0 for s in shape):
+            raise ValueError(
+                f"{type(self).__name__}.prior_sampling: shape must be a sequence of ints [B, ...]"
+            )
+        return self.prior_std * randn(shape, generator, device=device, dtype=dtype)
+
+    def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
+        """log N(z; 0, prior_std^2 I) in nats [B], summed over all non-batch dims."""
+        check_tensor(f"{type(self).__name__}.prior_logp", "z", z)
+        n_dims = math.prod(z.shape[1:])
+        var = self.prior_std**2
+        sq = z.pow(2).reshape(z.shape[0], -1).sum(-1)
+        return -0.5 * n_dims * math.log(2 * math.pi * var) - 0.5 * sq / var
+
+
+class _LinearBetaSDE(ScalarSDE):
     """Shared schedule of VP and sub-VP: beta(t) = beta_min + t (beta_max - beta_min)."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
         super().__init__(N)
         cls = type(self).__name__
-        beta_min = _check_number(beta_min, "beta_min", cls)
-        beta_max = _check_number(beta_max, "beta_max", cls)
+        beta_min = check_float(cls, "beta_min", beta_min)
+        beta_max = check_float(cls, "beta_max", beta_max)
         if beta_min < 0:
             raise ValueError(f"{cls}: beta_min must be >= 0, got {beta_min}")
         if beta_max < beta_min or beta_max <= 0:
@@ -215,12 +305,12 @@ class _LinearBetaSDE(SDE):
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
         """beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021, App. C, T = 1)."""
-        _check_time(t, f"{type(self).__name__}.beta")
+        check_time(f"{type(self).__name__}.beta", t)
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
     def integrated_beta(self, t: torch.Tensor) -> torch.Tensor:
         """int_0^t beta(s) ds = beta_min t + 1/2 (beta_max - beta_min) t^2."""
-        _check_time(t, f"{type(self).__name__}.integrated_beta")
+        check_time(f"{type(self).__name__}.integrated_beta", t)
         return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t.pow(2)
 
 
@@ -283,7 +373,7 @@ class SubVPSDE(_LinearBetaSDE):
         return torch.exp(-0.5 * b), (-torch.expm1(-b)).clamp_min(0)
 
 
-class VESDE(SDE):
+class VESDE(ScalarSDE):
     """Variance exploding: dx = sigma(t) sqrt(2 log(sigma_max / sigma_min)) dW (Song et al., eq. 9).
 
     `noise_scale(t)` = sigma_min (sigma_max / sigma_min)^t is SMLD's geometric noise level, and
@@ -298,8 +388,8 @@ class VESDE(SDE):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
         super().__init__(N)
-        sigma_min = _check_number(sigma_min, "sigma_min", "VESDE")
-        sigma_max = _check_number(sigma_max, "sigma_max", "VESDE")
+        sigma_min = check_float("VESDE", "sigma_min", sigma_min)
+        sigma_max = check_float("VESDE", "sigma_max", sigma_max)
         if sigma_min <= 0:
             raise ValueError(f"VESDE: sigma_min must be > 0, got {sigma_min}")
         if sigma_max <= sigma_min:
@@ -320,8 +410,12 @@ class VESDE(SDE):
 
     def noise_scale(self, t: torch.Tensor) -> torch.Tensor:
         """SMLD's sigma(t) = sigma_min (sigma_max / sigma_min)^t (the reference's marginal std)."""
-        _check_time(t, "VESDE.noise_scale")
+        check_time("VESDE.noise_scale", t)
         return self.sigma_min * torch.exp(t * self._log_ratio)
+
+    def noise_label(self, t: torch.Tensor) -> torch.Tensor:
+        """c(t) = log sigma(t) of the geometric noise scale (NCSN++'s Fourier features)."""
+        return torch.log(self.noise_scale(t))
 
     def sde_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """f(t) = 0, g(t) = sigma(t) sqrt(2 log(sigma_max / sigma_min)) (eq. 9)."""
@@ -330,7 +424,7 @@ class VESDE(SDE):
 
     def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha = 1, sigma = sqrt(sigma(t)^2 - sigma_min^2) = sigma_min sqrt(expm1(2 t log r))."""
-        _check_time(t, "VESDE.marginal_coefficients")
+        check_time("VESDE.marginal_coefficients", t)
         var = self.sigma_min**2 * torch.expm1(2.0 * self._log_ratio * t)
         return torch.ones_like(t), _sqrt_clamped(var)
 
@@ -346,3 +440,103 @@ class VESDE(SDE):
         previous = torch.where(i == 0, torch.zeros_like(sigma), sigmas[(i - 1).clamp_min(0)])
         G = _sqrt_clamped(sigma.pow(2) - previous.pow(2))
         return torch.zeros_like(x), G.to(x.dtype)
+
+
+class LinearSDE(SDE):
+    """dz = beta F z dt + sqrt(beta) G dW with constant K x K blocks F, G acting on the phase
+    components of z (the time-homogeneous case of the complete recipe, Pandey & Mandt 2023).
+
+    The transition is exact: A(s, t) = exp(F tau) and Sigma(s, t) from Van Loan's block matrix
+    exponential (Van Loan 1978), tau = beta (t - s), in float64; it solves the moment ODEs
+    dmu/dt = F mu, dSigma/dt = F Sigma + Sigma F^T + G G^T (times beta). `lift_covariance` is
+    the law of z0 given x0 (default: x0 exact, the other components N(0, 1)); the prior is
+    N(0, P) per coordinate with P = `prior_covariance`, by default the stationary covariance
+    (F P + P F^T + G G^T = 0, F stable). CLD and PSLD are instances with closed forms.
+    """
+
+    def __init__(self, F, G, *, beta: float = 1.0, lift_covariance=None, prior_covariance=None,
+                 N: int = 1000):
+        super().__init__(N)
+        cls = type(self).__name__
+        F64, G64 = (torch.as_tensor(m, dtype=torch.float64) for m in (F, G))
+        if F64.ndim != 2 or F64.shape[0] != F64.shape[1] or G64.shape != F64.shape:
+            raise ValueError(f"{cls}: F and G must be square K x K blocks of one size, got "
+                             f"{tuple(F64.shape)} and {tuple(G64.shape)}")
+        self.K = F64.shape[0]
+        self.beta = check_float(cls, "beta", beta, positive=True)
+        self.F, self.G = F64, G64
+        eye = torch.eye(self.K, dtype=torch.float64)
+        default_lift = eye.clone()
+        default_lift[0, 0] = 0.0
+        self._lift = self._covariance(lift_covariance, default_lift, "lift_covariance", psd=True)
+        if prior_covariance is None:
+            prior_covariance = self.stationary_covariance()
+        self.prior_covariance = self._covariance(prior_covariance, None, "prior_covariance")
+        self._prior_root = torch.linalg.cholesky(self.prior_covariance)
+
+    def _covariance(self, C, default, name: str, psd: bool = False) -> torch.Tensor:
+        C = default if C is None else torch.as_tensor(C, dtype=torch.float64)
+        if C.shape != (self.K, self.K) or not torch.allclose(C, C.mT):
+            raise ValueError(f"{type(self).__name__}: {name} must be a symmetric {self.K} x "
+                             f"{self.K} matrix, got {C.tolist()}")
+        smallest = torch.linalg.eigvalsh(C).min().item()
+        if smallest < (-1e-12 if psd else 1e-12):
+            raise ValueError(f"{type(self).__name__}: {name} must be positive "
+                             f"{'semi-' if psd else ''}definite, got eigenvalue {smallest:.3g}")
+        return C
+
+    def stationary_covariance(self) -> torch.Tensor:
+        """P with F P + P F^T + G G^T = 0 (a Lyapunov equation), for a stable F."""
+        if torch.linalg.eigvals(self.F).real.max().item() >= 0:
+            raise ValueError(f"{type(self).__name__}: F has an eigenvalue with real part >= 0, "
+                             f"so there is no stationary law; pass prior_covariance")
+        eye = torch.eye(self.K, dtype=torch.float64)
+        lyapunov = torch.kron(self.F, eye) + torch.kron(eye, self.F)
+        P = torch.linalg.solve(lyapunov, -(self.G @ self.G.mT).reshape(-1)).reshape(self.K, self.K)
+        return 0.5 * (P + P.mT)
+
+    def __repr__(self) -> str:
+        return f"LinearSDE(F={self.F.tolist()}, G={self.G.tolist()}, beta={self.beta})"
+
+    @property
+    def lift_covariance(self) -> torch.Tensor:
+        return self._lift
+
+    def sde_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """F(t) = beta F, G(t) = sqrt(beta) G, each expanded to [B, K, K] in t's dtype."""
+        shape = (t.shape[0], self.K, self.K)
+        F = (self.beta * self.F).to(device=t.device, dtype=t.dtype).expand(shape)
+        G = (math.sqrt(self.beta) * self.G).to(device=t.device, dtype=t.dtype).expand(shape)
+        return F, G
+
+    def transition(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A = exp(F tau), Sigma = Phi B12 from exp([[-F, G G^T], [0, F^T]] tau), tau = beta (t - s)."""
+        tau = (self.beta * (t.double() - s.double()))[:, None, None]
+        F, Q = self.F.to(tau.device), (self.G @ self.G.mT).to(tau.device)
+        K = self.K
+        block = torch.zeros(2 * K, 2 * K, dtype=torch.float64, device=tau.device)
+        block[:K, :K], block[:K, K:], block[K:, K:] = -F, Q, F.mT
+        E = torch.linalg.matrix_exp(block * tau)
+        A = E[:, K:, K:].mT
+        Sigma = A @ E[:, :K, K:]
+        return A, 0.5 * (Sigma + Sigma.mT)
+
+    def prior_sampling(self, shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+        """z_T ~ N(0, P) per coordinate, `shape` = [B, K * C, ...]."""
+        shape = tuple(shape)
+        if len(shape) < 2 or shape[1] % self.K:
+            raise ValueError(f"{type(self).__name__}.prior_sampling: shape must be a state shape "
+                             f"[B, K * C, ...] with K = {self.K}, got {shape}")
+        eps = randn(shape, generator, device=device, dtype=dtype)
+        return phase_apply(self._prior_root.to(eps.device).expand(shape[0], -1, -1), eps)
+
+    def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
+        """log N(z; 0, P per coordinate) in nats [B]."""
+        check_tensor(f"{type(self).__name__}.prior_logp", "z", z)
+        blocks = z.reshape(z.shape[0], self.K, -1)
+        root = self._prior_root.to(device=z.device, dtype=z.dtype)
+        white = torch.linalg.solve_triangular(root, blocks, upper=False)
+        n_coords = blocks.shape[-1]
+        log_det = 2 * torch.log(torch.diagonal(root)).sum()
+        return (-0.5 * white.pow(2).sum((1, 2))
+                - 0.5 * n_coords * (self.K * math.log(2 * math.pi) + log_det))

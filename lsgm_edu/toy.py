@@ -11,6 +11,9 @@ from collections.abc import Callable
 
 import torch
 
+from .sde import SDE
+from .utils import phase_block
+
 __all__ = [
     "TOY_DATASETS",
     "GaussianMixture",
@@ -111,12 +114,14 @@ class GaussianMixture:
         )
         return self.means[k] + self.stds[k, None] * z
 
-    def _params_like(self, x: torch.Tensor):
+    def _params_like(self, x: torch.Tensor, width: int | None = None):
+        width = self.dim if width is None else width
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError("GaussianMixture: x must be a floating-point torch.Tensor [..., D]")
-        if x.ndim < 1 or x.shape[-1] != self.dim:
+        if x.ndim < 1 or x.shape[-1] != width:
             raise ValueError(
-                f"GaussianMixture: x must have shape [..., D] with D = {self.dim}, got "
+                f"GaussianMixture: x must have shape [..., {width}] (D = {self.dim} data dims"
+                f"{'' if width == self.dim else ' times K phase components'}), got "
                 f"{tuple(x.shape)}"
             )
         return (
@@ -163,63 +168,79 @@ class GaussianMixture:
         r = torch.softmax(log_joint, dim=-1)
         return ((r / var).unsqueeze(-1) * diff).sum(-2)
 
-    # --- the mixture diffused by a scalar linear SDE (lsgm_edu.sde) --------------------------
+    # --- the mixture diffused by a linear SDE of the engine (lsgm_edu.sde) ---------------------
 
-    def _diffused_log_joint(self, sde, x: torch.Tensor, t: torch.Tensor):
-        """log w_k + log N(x; alpha mu_k, (alpha^2 sigma_k^2 + sigma^2) I) [..., K] at times t.
+    def _diffused_log_joint(self, sde: SDE, z: torch.Tensor, t: torch.Tensor):
+        """log w_k + log N(z; m_k(t), S_k(t) per coordinate) [N, n_components] at times t [N].
 
-        t has shape x.shape[:-1]; also returns alpha mu_k - x [..., K, D] and the variances.
+        Component k lifted to the state is z0 ~ N((mu_k, 0, ...), sigma_k^2 e0 e0^T + C) per
+        data coordinate (C = sde.lift_covariance: the initial momentum law for K = 2, zero for
+        K = 1); the transition maps it to N(A (mu_k, 0), A (sigma_k^2 e0 e0^T + C) A^T + Sigma)
+        with (A, Sigma) = sde.transition(0, t). Also returns S_k^{-1} (m_k - z) [N, n, K, D].
         """
-        means, stds, weights = self._params_like(x)
+        K, D = sde.K, self.dim
+        means, stds, weights = self._params_like(z, K * D)
+        t = self._check_times(z, t)
+        A, Sigma = (phase_block(m).to(z.dtype) for m in sde.transition(torch.zeros_like(t), t))
+        C = sde.lift_covariance.to(device=z.device, dtype=z.dtype)
+        e0 = torch.zeros(K, K, dtype=z.dtype, device=z.device)
+        e0[0, 0] = 1.0
+        start = stds.pow(2)[:, None, None] * e0 + C  # [n, K, K]
+        S = A[:, None] @ start @ A[:, None].mT + Sigma[:, None]  # [N, n, K, K]
+        m = A[:, None, :, :1] * means[None, :, None, :]  # [N, n, K, D]
+        diff = m - z.reshape(-1, 1, K, D)
+        precision_diff = torch.linalg.solve(S, diff)
+        quad = (diff * precision_diff).sum((-2, -1))
+        log_norm = -0.5 * D * (K * math.log(2 * math.pi) + torch.logdet(S))
+        return torch.log(weights) + log_norm - 0.5 * quad, precision_diff
+
+    def _check_times(self, z: torch.Tensor, t) -> torch.Tensor:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError("GaussianMixture: t must be a floating-point torch.Tensor [B]")
-        if t.shape != x.shape[:-1]:
+        if t.shape != (z.shape[0],):
             raise ValueError(
-                f"GaussianMixture: t must have shape [B] = {list(x.shape[:-1])} (one time per "
-                f"point of x with shape {tuple(x.shape)}), got {tuple(t.shape)}"
+                f"GaussianMixture: t must have shape [B] = [{z.shape[0]}] (one time per "
+                f"point of x with shape {tuple(z.shape)}), got {tuple(t.shape)}"
             )
-        t = t.to(device=x.device, dtype=torch.promote_types(t.dtype, x.dtype))
-        alpha, sigma = (c.to(x.dtype).unsqueeze(-1) for c in sde.marginal_coefficients(t))
-        var = alpha.pow(2) * stds.pow(2) + sigma.pow(2)
-        diff = alpha.unsqueeze(-1) * means - x.unsqueeze(-2)
-        log_norm = -0.5 * self.dim * torch.log(2 * math.pi * var)
-        return torch.log(weights) + log_norm - 0.5 * diff.pow(2).sum(-1) / var, diff, var
+        return t.to(device=z.device, dtype=torch.promote_types(t.dtype, z.dtype))
 
     @staticmethod
     def _check_sde(sde, fn: str) -> None:
-        if not callable(getattr(sde, "marginal_coefficients", None)):
+        if not isinstance(sde, SDE):
             raise TypeError(
-                f"GaussianMixture.{fn}: sde must be a scalar linear SDE with "
-                f"marginal_coefficients(t) -> (alpha, sigma), e.g. lsgm_edu.sde.VPSDE(); got "
-                f"{type(sde).__name__}"
+                f"GaussianMixture.{fn}: sde must be a linear SDE of lsgm_edu.sde (e.g. VPSDE(), "
+                f"or a phase-space LinearSDE); got {type(sde).__name__}"
             )
 
-    def log_prob_fn(self, sde) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """Exact log p_t(x) [B] of the mixture diffused by `sde`, as a function (x, t).
+    def log_prob_fn(self, sde: SDE) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Exact log p_t(z) [B] of the mixture diffused by `sde`, as a function (z, t).
 
-        p_t = sum_k w_k N(alpha(t) mu_k, (alpha(t)^2 sigma_k^2 + sigma(t)^2) I), with alpha, sigma
-        from sde.marginal_coefficients (Song et al. 2021, eq. 29): a Gaussian kernel maps each
-        Gaussian component to a Gaussian. x: [B, D], t: [B].
+        Each Gaussian component stays Gaussian under a linear SDE (Song et al. 2021, eq. 29 for
+        K = 1: N(alpha mu_k, (alpha^2 sigma_k^2 + sigma^2) I)); for K = 2 the joint law of
+        (x, m) is a mixture with K x K block covariances. z: the state [B, K * D], t: [B].
         """
         self._check_sde(sde, "log_prob_fn")
 
-        def log_prob_t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            log_joint, _, _ = self._diffused_log_joint(sde, x, t)
-            return torch.logsumexp(log_joint, dim=-1)
+        def log_prob_t(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            log_joint, _ = self._diffused_log_joint(sde, z.reshape(-1, z.shape[-1]), t.reshape(-1))
+            return torch.logsumexp(log_joint, dim=-1).reshape(z.shape[:-1])
 
         return log_prob_t
 
-    def score_fn(self, sde) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """Exact score grad_x log p_t(x) (like x) of the diffused mixture, as a function (x, t).
+    def score_fn(self, sde: SDE) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Exact score grad_z log p_t(z) (like z) of the diffused mixture, as a function (z, t).
 
-        = sum_k p_t(k | x) (alpha mu_k - x) / (alpha^2 sigma_k^2 + sigma^2); see `log_prob_fn`.
+        = sum_k p_t(k | z) S_k^{-1} (m_k - z); for K = 1, sum_k p_t(k | x) (alpha mu_k - x) /
+        (alpha^2 sigma_k^2 + sigma^2). See `log_prob_fn`.
         """
         self._check_sde(sde, "score_fn")
 
-        def score_t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            log_joint, diff, var = self._diffused_log_joint(sde, x, t)
+        def score_t(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            log_joint, precision_diff = self._diffused_log_joint(
+                sde, z.reshape(-1, z.shape[-1]), t.reshape(-1)
+            )
             r = torch.softmax(log_joint, dim=-1)
-            return ((r / var).unsqueeze(-1) * diff).sum(-2)
+            return (r[..., None, None] * precision_diff).sum(1).reshape(z.shape)
 
         return score_t
 
@@ -270,13 +291,13 @@ class GaussianMixture:
         n_classes = int(c.max()) + 1
 
         def class_log_prob_t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            log_joint, _, _ = self._diffused_log_joint(sde, x, t)
+            log_joint, _ = self._diffused_log_joint(sde, x.reshape(-1, x.shape[-1]), t.reshape(-1))
             log_r = torch.log_softmax(log_joint, dim=-1)
             members = c.to(x.device)
             return torch.stack(
                 [torch.logsumexp(log_r[..., members == y], dim=-1) for y in range(n_classes)],
                 dim=-1,
-            )
+            ).reshape(*x.shape[:-1], n_classes)
 
         return class_log_prob_t
 

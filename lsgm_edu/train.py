@@ -1,16 +1,22 @@
-"""Training score models on images: DSM with EMA, warmup, clipping, bf16, DDP, exact resume.
+"""Training: one loop around an objective, with EMA, warmup, clipping, bf16, DDP, exact resume.
 
-`train(cfg, out_dir)` runs the Score SDE recipe (Song et al. 2021, App. D/H): Adam(W) with a
-linear learning-rate warmup, gradient-norm clipping, an EMA of the weights, continuous-time
-denoising score matching with the σ² (ε) or likelihood weighting. The same code runs on a
-laptop CPU (fp32) and on GPUs (bf16 autocast, channels_last, optional torch.compile) and under
-`torchrun` with DistributedDataParallel (gloo on CPU, nccl on GPU).
+`train(cfg, out_dir)` runs the Score SDE recipe (Song et al. 2021, App. D/H) by default: the
+`DSM` objective on the U-Net of `cfg.model`, AdamW with a linear learning-rate warmup,
+gradient-norm clipping and an EMA of the weights. The loop itself knows nothing of DSM: it trains
+*named* models (`ModelSpec`: module, learning rate, warmup, clipping, EMA rate), one AdamW per
+model, and calls `objective(models, batch, generator) -> (loss [B], logs)` (lsgm_edu.objectives)
+through `train_step`, so LSGM's VAE + latent score model plug into the same loop. The same code
+runs on a laptop CPU (fp32) and on GPUs (bf16 autocast, channels_last, optional torch.compile)
+and under `torchrun` with DistributedDataParallel (gloo on CPU, nccl on GPU).
 
 Every random draw of step k (data order, flips, dequantization noise, t, z, dropout) comes from
 generators seeded by (seed, k) and is drawn for the *global* batch before each rank takes its
 slice, so (i) a run resumed from a checkpoint continues bit for bit, and (ii) N ranks with
 global batch B compute what one process with batch B computes (dropout aside: its masks come
 from the global RNG, reseeded per step and rank).
+
+Checkpoint tensors are named by model: `<model>/<param>`, `ema/<model>/<param>` and
+`opt/<model>/<param>/<state>` (Adam's state by parameter name, not by position).
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ import json
 import math
 import os
 import time
+import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,17 +42,13 @@ from tqdm.auto import tqdm
 
 from lsgm_edu import checkpoint as ckpt
 from lsgm_edu import data as data_module
-from lsgm_edu.configs import Config, ConfigError, config_from_dict
-from lsgm_edu.losses import (
-    LikelihoodImportanceSampler,
-    LikelihoodWeighting,
-    SigmaSquaredWeighting,
-    UniformTimeSampler,
-    denoising_score_matching,
-)
+from lsgm_edu.configs import Config, ConfigError, config_from_dict, convert_legacy
 from lsgm_edu.nets import build_model
 from lsgm_edu.nets.precond import ScoreModel
-from lsgm_edu.sde import VESDE, VPSDE, SubVPSDE
+from lsgm_edu.objectives import DSM, Batch, BatchGenerator
+from lsgm_edu.registry import SDES
+
+STATE_LAYOUT = 2  # checkpoint tensors named <model>/..., ema/<model>/..., opt/<model>/<param>/...
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,18 +59,12 @@ class TrainingDiverged(RuntimeError):
 
 
 def build_sde(cfg_sde):
-    """The forward SDE named by `cfg.sde`."""
-    if cfg_sde.name == "vpsde":
-        return VPSDE(beta_min=cfg_sde.beta_min, beta_max=cfg_sde.beta_max, N=cfg_sde.N)
-    if cfg_sde.name == "subvpsde":
-        return SubVPSDE(beta_min=cfg_sde.beta_min, beta_max=cfg_sde.beta_max, N=cfg_sde.N)
-    if cfg_sde.name == "vesde":
-        return VESDE(sigma_min=cfg_sde.sigma_min, sigma_max=cfg_sde.sigma_max, N=cfg_sde.N)
-    raise ConfigError(f"sde.name: unknown SDE {cfg_sde.name!r}")
+    """The forward SDE of a config's `sde` section (`lsgm_edu.registry.SDES`)."""
+    return SDES.build(cfg_sde)
 
 
 def init_model(cfg: Config) -> nn.Module:
-    """The U-Net of `cfg.model`, initialised from a generator seeded by `train.seed`."""
+    """The network of `cfg.model`, initialised from a generator seeded by `train.seed`."""
     return build_model(cfg.model, generator=seeded_generator(cfg.train.seed, 0))
 
 
@@ -119,20 +118,9 @@ class StepBatches(torch.utils.data.Sampler):
             yield idx[self.rank * self.local : (self.rank + 1) * self.local].tolist()
 
 
-def ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
-    """θ_ema <- rate θ_ema + (1 - rate) θ; buffers are copied."""
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - rate)
-        for e, b in zip(ema.buffers(), model.buffers()):
-            e.copy_(b)
-
-
-def learning_rate(cfg_train, step: int) -> float:
+def warmup_lr(lr: float, warmup: int, step: int) -> float:
     """Linear warmup over `warmup` steps to `lr` (Song et al. 2021, App. D)."""
-    if cfg_train.warmup <= 0:
-        return cfg_train.lr
-    return cfg_train.lr * min((step + 1) / cfg_train.warmup, 1.0)
+    return lr if warmup <= 0 else lr * min((step + 1) / warmup, 1.0)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -185,44 +173,213 @@ def _barrier(d: Dist) -> None:
         dist.barrier()
 
 
-# --- state <-> checkpoint -------------------------------------------------------------------
+# --- named models, their optimizers and EMAs ------------------------------------------------
 
 
-def state_tensors(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """Flat {name: tensor} of model, EMA and Adam state for safetensors."""
-    out = {f"model/{k}": v for k, v in model.state_dict().items()}
-    out.update({f"ema/{k}": v for k, v in ema.state_dict().items()})
-    for i, p in enumerate(model.parameters()):
-        for k, v in opt.state.get(p, {}).items():
-            out[f"opt/{i}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return out
+@dataclass
+class ModelSpec:
+    """One model a run trains: the module, its AdamW settings, warmup, clipping and EMA rate.
+
+    `grad_clip` 0 means no clipping; `ema_rate` None means no EMA copy.
+    """
+
+    module: nn.Module
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup: int = 0
+    grad_clip: float = 0.0
+    ema_rate: float | None = None
+
+    @classmethod
+    def from_train_config(cls, module: nn.Module, tc, **changes) -> ModelSpec:
+        """The settings of `cfg.train` (lr, betas, warmup, clipping, EMA), with `changes`."""
+        kw = {"lr": tc.lr, "betas": (tc.beta1, tc.beta2), "eps": tc.adam_eps,
+              "weight_decay": tc.weight_decay, "warmup": tc.warmup, "grad_clip": tc.grad_clip,
+              "ema_rate": tc.ema_rate}
+        return cls(module, **{**kw, **changes})
+
+    def lr_at(self, step: int) -> float:
+        return warmup_lr(self.lr, self.warmup, step)
 
 
-def load_state_tensors(tensors: dict, model: nn.Module, ema: nn.Module, opt=None) -> None:
-    """Inverse of `state_tensors` (strict: every model/EMA key must be present)."""
+@dataclass
+class TrainingSetup:
+    """What `train` trains: named models and the objective over them.
 
-    def part(prefix):
-        n = len(prefix)
-        return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix)}
+    `sample(models, n, generator)` (optional) returns n images in [0, 1] for the periodic grids
+    from the EMA models; `result_model(models)` (optional) is what `TrainResult.score_model`
+    holds.
+    """
 
-    model.load_state_dict(part("model/"))
-    ema.load_state_dict(part("ema/"))
-    if opt is not None:
-        params = list(model.parameters())
-        state = {}
-        for key, v in part("opt/").items():
-            i, name = key.split("/", 1)
-            state.setdefault(int(i), {})[name] = v
-        for i, s in state.items():
-            p = params[i]
-            opt.state[p] = {k: (v.to(p.device) if k != "step" else v) for k, v in s.items()}
+    models: dict[str, ModelSpec]
+    objective: Callable
+    sample: Callable | None = None
+    result_model: Callable | None = None
+
+    def __post_init__(self):
+        for name in self.models:
+            if not name or "/" in name or name in ("ema", "opt"):
+                raise ValueError(f"TrainingSetup: model name {name!r} is not allowed "
+                                 f"(no '/', not 'ema' or 'opt')")
+
+
+def dsm_setup(cfg: Config, sde=None) -> TrainingSetup:
+    """Score SDE training: the DSM objective on the network of `cfg.model`, named 'score'."""
+    sde = sde if sde is not None else build_sde(cfg.sde)
+    spec = ModelSpec.from_train_config(init_model(cfg), cfg.train)
+
+    def sample(models, n, generator):
+        net = models["score"]
+        x = sample_images(ScoreModel(net, sde, centered=cfg.data.centered), sde, cfg.sampling,
+                          n, steps=cfg.sampling.grid_steps, eps=cfg.sampling.eps,
+                          generator=generator, device=next(net.parameters()).device)
+        return to_unit_range(x, cfg.data.centered)
+
+    def result_model(models):
+        return ScoreModel(models["score"], sde, centered=cfg.data.centered).eval()
+
+    return TrainingSetup({"score": spec}, DSM.from_config(cfg, sde), sample, result_model)
+
+
+class TrainState:
+    """The named modules, one AdamW and (optionally) one EMA copy per model, on `device`.
+
+    `forward` holds what the objective calls: the modules themselves, or their DDP / compiled
+    wrappers (`wrap`); `modules` stay the raw modules that are saved and averaged.
+    """
+
+    def __init__(self, specs: dict[str, ModelSpec], device="cpu"):
+        self.specs = specs
+        self.modules = {n: s.module.to(device) for n, s in specs.items()}
+        self.optimizers = {
+            n: torch.optim.AdamW(self.modules[n].parameters(), lr=s.lr, betas=s.betas,
+                                 eps=s.eps, weight_decay=s.weight_decay)
+            for n, s in specs.items()}
+        self.emas = {n: copy.deepcopy(self.modules[n]).requires_grad_(False)
+                     for n, s in specs.items() if s.ema_rate is not None}
+        self.forward = dict(self.modules)
+
+    def wrap(self, fn: Callable[[nn.Module], nn.Module]) -> None:
+        self.forward = {n: fn(m) for n, m in self.modules.items()}
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """The EMA copy of each model where it has one, else the model."""
+        return {n: self.emas.get(n, m) for n, m in self.modules.items()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat {name: tensor} of every model, EMA and Adam state, for safetensors."""
+        out = {}
+        for name, module in self.modules.items():
+            out.update({f"{name}/{k}": v for k, v in module.state_dict().items()})
+            if name in self.emas:
+                out.update({f"ema/{name}/{k}": v for k, v in self.emas[name].state_dict().items()})
+            opt = self.optimizers[name]
+            for pname, p in module.named_parameters():
+                for k, v in opt.state.get(p, {}).items():
+                    out[f"opt/{name}/{pname}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        return out
+
+    def load_tensors(self, tensors: dict, *, optimizers: bool = True) -> None:
+        """Inverse of `tensors` (strict: every model and EMA key must be present)."""
+        saved = {k.split("/", 1)[0] for k in tensors if not k.startswith(("ema/", "opt/"))}
+        if saved != set(self.modules):
+            raise ckpt.CheckpointError(
+                f"the checkpoint holds models {sorted(saved)}, this run trains "
+                f"{sorted(self.modules)}")
+        for name, module in self.modules.items():
+            module.load_state_dict(_part(tensors, f"{name}/"))
+            if name in self.emas:
+                self.emas[name].load_state_dict(_part(tensors, f"ema/{name}/"))
+            if not optimizers:
+                continue
+            params = dict(module.named_parameters())
+            state: dict[str, dict] = {}
+            for key, v in _part(tensors, f"opt/{name}/").items():
+                pname, k = key.rsplit("/", 1)
+                if pname not in params:
+                    raise ckpt.CheckpointError(f"optimizer state of unknown parameter {name}/{pname}")
+                state.setdefault(pname, {})[k] = v
+            opt = self.optimizers[name]
+            for pname, s in state.items():
+                p = params[pname]
+                opt.state[p] = {k: (v.to(p.device) if k != "step" else v) for k, v in s.items()}
+
+    def optimizer_meta(self) -> dict:
+        return {n: [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+                for n, o in self.optimizers.items()}
+
+
+def _part(tensors: dict, prefix: str) -> dict:
+    n = len(prefix)
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
+    """θ_ema <- rate θ_ema + (1 - rate) θ; buffers are copied."""
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - rate)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+@dataclass
+class StepStats:
+    loss: float  # batch mean over all processes
+    grad_norms: dict[str, float]
+    lrs: dict[str, float]
+    logs: dict[str, float]
+
+
+def train_step(state: TrainState, objective, batch: Batch, generator: BatchGenerator, step: int,
+               *, amp_dtype: torch.dtype | None = None, reduce: Callable | None = None
+               ) -> StepStats:
+    """One optimisation step: objective forward (autocast), backward, per-model clipping, the
+    NaN guard, one AdamW step per model at its warmup learning rate, the EMAs.
+
+    `reduce` averages a tensor over processes (identity for one process). Raises
+    `TrainingDiverged` before any update when the loss or a gradient norm is not finite.
+    """
+    device_type = batch.x.device.type
+    amp = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    with amp:
+        loss, logs = objective(state.forward, batch, generator)
+    for opt in state.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    loss.float().mean().backward()
+    grad_norms = {}
+    for name, module in state.modules.items():
+        clip = state.specs[name].grad_clip
+        grad_norms[name] = torch.nn.utils.clip_grad_norm_(module.parameters(),
+                                                          clip if clip > 0 else math.inf)
+    scalars = torch.stack([loss.detach().float().mean()]
+                          + [torch.as_tensor(v).detach().float().mean().to(loss.device)
+                             for v in logs.values()])
+    values = (reduce(scalars) if reduce else scalars).tolist()
+    stats = StepStats(loss=values[0], grad_norms={n: float(g) for n, g in grad_norms.items()},
+                      lrs={n: s.lr_at(step) for n, s in state.specs.items()},
+                      logs=dict(zip(logs, values[1:])))
+    if not all(math.isfinite(v) for v in [stats.loss, *stats.grad_norms.values()]):
+        norms = ", ".join(f"{n}={v}" for n, v in stats.grad_norms.items())
+        raise TrainingDiverged(f"step {step}: loss={stats.loss} grad_norm({norms}) is not finite; "
+                               f"stopped before the update")
+    for name, opt in state.optimizers.items():
+        for g in opt.param_groups:
+            g["lr"] = stats.lrs[name]
+        opt.step()
+    for name, ema in state.emas.items():
+        ema_update(ema, state.modules[name], state.specs[name].ema_rate)
+    return stats
 
 
 def _same_training_problem(saved: dict, cfg: Config) -> None:
     """A resumed run must train the same model on the same data with the same SDE."""
+    saved = convert_legacy(saved)[0]
     now = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as in the sidecar
     diffs = [
-        f"{section}.{k}: checkpoint {saved[section][k]!r} vs now {now[section][k]!r}"
+        f"{section}.{k}: checkpoint {saved[section].get(k)!r} vs now {now[section][k]!r}"
         for section in ("model", "sde", "data")
         for k in now[section]
         if section in saved and k != "data_dir" and saved[section].get(k) != now[section][k]
@@ -241,26 +398,55 @@ def _same_training_problem(saved: dict, cfg: Config) -> None:
 
 # --- logging --------------------------------------------------------------------------------
 
-CSV_FIELDS = ["step", "loss", "grad_norm", "lr", "images_per_s", "elapsed_s"]
 
+class CSVLog:
+    """log.csv: one row per logged step; columns fixed by the first row (or the file's header).
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop CSV rows past `step` (a killed run may have logged beyond its last checkpoint)."""
-    if not path.is_file():
-        return
-    with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    text = ",".join(CSV_FIELDS) + "\n" + "".join(
-        ",".join(str(r[k]) for k in CSV_FIELDS) + "\n" for r in rows
-    )
-    ckpt.atomic_write_text(path, text)
+    On resume, rows past the checkpoint's step are dropped (a killed run may have logged beyond
+    its last checkpoint).
+    """
+
+    def __init__(self, path: Path, start: int, main: bool = True):
+        self.path, self.fields, self.file, self.writer = path, None, None, None
+        if not main:
+            return
+        if path.is_file():
+            with open(path) as f:
+                reader = csv.DictReader(f)
+                rows = [r for r in reader if int(r["step"]) <= start]
+                self.fields = reader.fieldnames
+            if self.fields:
+                text = ",".join(self.fields) + "\n" + "".join(
+                    ",".join(str(r[k]) for k in self.fields) + "\n" for r in rows)
+                ckpt.atomic_write_text(path, text)
+        self.file = open(path, "a", newline="")  # noqa: SIM115 (closed by close())
+
+    def write(self, row: dict) -> None:
+        if self.file is None:
+            return
+        if self.writer is None:
+            if self.fields is None:
+                self.fields = list(row)
+                csv.writer(self.file).writerow(self.fields)
+            self.writer = csv.DictWriter(self.file, self.fields)
+        if set(row) != set(self.fields):
+            raise ValueError(f"{self.path}: columns {sorted(row)} differ from the log's "
+                             f"{self.fields}; log to a new --out directory")
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
 
 
 def read_log(path: str | Path) -> dict[str, list[float]]:
-    """Columns of a training CSV log as lists of floats."""
+    """Columns of a training CSV log as lists of floats (step, loss, grad_norm/<model>, ...)."""
     with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return {k: [float(r[k]) for r in rows] for k in CSV_FIELDS}
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        fields = reader.fieldnames or []
+    return {k: [float(r[k]) for r in rows] for k in fields}
 
 
 def plot_loss_curve(log_path: str | Path, out_png: str | Path) -> Path:
@@ -273,9 +459,11 @@ def plot_loss_curve(log_path: str | Path, out_png: str | Path) -> Path:
     fig = Figure(figsize=(9, 3.2))
     a, b = fig.subplots(1, 2)
     a.plot(log["step"], log["loss"], lw=1)
-    a.set(xlabel="step", ylabel="loss (per sample)", yscale="log", title="DSM loss")
-    b.plot(log["step"], log["grad_norm"], lw=1, color="C1")
+    a.set(xlabel="step", ylabel="loss (per sample)", yscale="log", title="training loss")
+    for i, key in enumerate(k for k in log if k.startswith("grad_norm/")):
+        b.plot(log["step"], log[key], lw=1, color=f"C{i + 1}", label=key.split("/", 1)[1])
     b.set(xlabel="step", ylabel="gradient norm", yscale="log", title="gradient norm")
+    b.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
     return save_figure(fig, out_png)
 
@@ -321,56 +509,39 @@ def to_unit_range(x: torch.Tensor, centered: bool) -> torch.Tensor:
 # --- the loop -------------------------------------------------------------------------------
 
 
-def training_loss(score_model, sde, x0, t, z, labels, weighting, t_sampler, cfg_train,
-                  amp_dtype=None) -> torch.Tensor:
-    """Batch mean of the DSM loss 1/2 λ(t)|s(x_t, t) + z/σ_t|² (Song et al. 2021, eq. 7).
-
-    With importance sampling each term is weighted by 1/q(t); with reduce_mean it is divided
-    by the number of dimensions (the reference's `reduce_mean`). bf16 autocast if `amp_dtype`.
-    """
-    amp = torch.autocast(x0.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    with amp:
-        per_sample = denoising_score_matching(
-            lambda x, tt: score_model(x, tt, labels), sde, x0, t, weighting, noise=z)
-    if cfg_train.importance_sampling:
-        per_sample = per_sample * t_sampler.weight(t)
-    if cfg_train.reduce_mean:
-        per_sample = per_sample / x0[0].numel()
-    return per_sample.float().mean()
-
-
 @dataclass
 class TrainResult:
     step: int
     out_dir: Path
     checkpoint: Path | None
     loss: float
-    score_model: ScoreModel  # the EMA weights, ready to sample
+    score_model: Any  # setup.result_model(EMA models): for DSM the EMA ScoreModel, ready to sample
     log_path: Path
+    models: dict[str, nn.Module] = field(default_factory=dict)  # EMA (or raw) models, eval mode
 
 
 def _prepare_batch(x_uint8, step_gen, cfg, num_levels, rank_slice, device):
-    """Flips, dequantization and scaling, with noise drawn for the global batch then sliced."""
+    """Flips, dequantization and scaling (`lsgm_edu.data`), with the noise drawn for the global
+    batch, then sliced."""
     b = cfg.train.batch_size
-    x = x_uint8.to(device=device, dtype=torch.float32)
-    shape = (b,) + tuple(x.shape[1:])
+    x = x_uint8.to(device)
     flip = torch.rand(b, generator=step_gen)[rank_slice] < 0.5
-    if cfg.data.dequantize:
-        u = torch.rand(shape, generator=step_gen)[rank_slice].to(device)
-        x01 = (x + u) / num_levels
-    else:
-        x01 = x / (num_levels - 1)
-    if cfg.data.random_flip:
-        x01 = torch.where(flip.to(device).view(-1, 1, 1, 1), x01.flip(-1), x01)
-    return data_module.to_centered(x01) if cfg.data.centered else x01
+    noise = (torch.rand((b, *x.shape[1:]), generator=step_gen)[rank_slice].to(device)
+             if cfg.data.dequantize else None)
+    x = data_module.to_model(x, num_levels, centered=cfg.data.centered, noise=noise,
+                             discretization="dequantize" if cfg.data.dequantize else "scale")
+    return data_module.random_flip(x, flip=flip.to(device)) if cfg.data.random_flip else x
 
 
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str | None = None,
-          dataset=None, progress: bool = True, log=print) -> TrainResult:
+          dataset=None, progress: bool = True, log=print,
+          setup: TrainingSetup | None = None) -> TrainResult:
     """Train `cfg` into `out_dir`; with `resume`, continue from its newest valid checkpoint.
 
     out_dir gets config.yaml, log.csv, TensorBoard events, loss.png, samples/ and checkpoints/.
     `dataset` overrides `cfg.data` (any dataset of (uint8 [C,H,W], label) with `num_levels`).
+    `setup` (default `dsm_setup(cfg)`) names the models and the objective; everything else
+    (batches, seeds, steps, checkpoints, logs) comes from `cfg`.
     """
     d = setup_distributed(device)
     out = Path(out_dir)
@@ -386,11 +557,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
     ckpt_dir = out / "checkpoints"
     log_path = out / "log.csv"
 
-    sde = build_sde(cfg.sde)
-    net = init_model(cfg).to(d.device)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                            eps=tc.adam_eps, weight_decay=tc.weight_decay)
+    setup = setup if setup is not None else dsm_setup(cfg)
+    state = TrainState(setup.models, d.device)
 
     start, last_ckpt = 0, None
     if d.main:
@@ -402,8 +570,13 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
         if resume else None
     if found is not None:
         tensors, meta = found
+        if meta.get("state_layout") != STATE_LAYOUT:
+            raise ckpt.CheckpointError(
+                f"{ckpt_dir}: the checkpoint was written before named models (tensors model/..., "
+                f"opt/<index>/...); convert it with lsgm_edu.train.migrate_checkpoint(OLD.json, "
+                f"NEW_STEM) and resume from a folder holding the converted one")
         _same_training_problem(meta["config"], cfg)
-        load_state_tensors(tensors, net, ema, opt)
+        state.load_tensors(tensors)
         start = int(meta["step"])
         last_ckpt = ckpt.checkpoint_stem(ckpt_dir, start).with_suffix(".json")
         if d.main:
@@ -412,71 +585,59 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
         raise ckpt.CheckpointError(f"{ckpt_dir}: no usable checkpoint to resume from")
     if d.main:
         ckpt.atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        _truncate_log(log_path, start)
 
-    if d.device.type == "cuda" and tc.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    ddp = nn.parallel.DistributedDataParallel(
-        net, device_ids=[d.device.index] if d.device.type == "cuda" else None
-    ) if d.world_size > 1 else net
-    forward_net = torch.compile(ddp) if (tc.compile and d.device.type == "cuda") else ddp
-    score_model = ScoreModel(forward_net, sde, centered=cfg.data.centered)
+    cuda = d.device.type == "cuda"
+    if cuda and tc.channels_last:
+        for m in state.modules.values():
+            m.to(memory_format=torch.channels_last)
+
+    def wrap(module):
+        if d.world_size > 1:
+            module = nn.parallel.DistributedDataParallel(
+                module, device_ids=[d.device.index] if cuda else None)
+        return torch.compile(module) if (tc.compile and cuda) else module
+
+    state.wrap(wrap)
     amp_dtype = resolve_precision(tc.precision, d.device)
-    weighting = LikelihoodWeighting() if tc.likelihood_weighting else SigmaSquaredWeighting()
-    t_sampler = (LikelihoodImportanceSampler(sde, eps=cfg.sde.eps) if tc.importance_sampling
-                 else UniformTimeSampler(eps=cfg.sde.eps, T=sde.T))
     local = tc.batch_size // d.world_size
     rank_slice = slice(d.rank * local, (d.rank + 1) * local)
+
+    def reduce(v):
+        return _all_reduce_mean(v, d)
 
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatches(len(dataset), tc.batch_size, tc.seed, start,
                                            tc.n_iters, d.rank, d.world_size),
-        num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda",
+        num_workers=cfg.data.num_workers, pin_memory=cuda,
     )
     writer = None
     if d.main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"), purge_step=start)
-    new_log = not log_path.is_file()
-    csv_file = open(log_path, "a", newline="") if d.main else None  # noqa: SIM115 (closed below)
-    csv_writer = csv.writer(csv_file) if csv_file else None
-    if csv_writer and new_log:
-        csv_writer.writerow(CSV_FIELDS)
+    csv_log = CSVLog(log_path, start, main=d.main)
 
-    step, loss_value, t0, last_log_t, last_log_step = start, float("nan"), time.time(), None, start
+    loss_value, t0, last_log_t, last_log_step = float("nan"), time.time(), None, start
     bar = tqdm(total=tc.n_iters, initial=start, disable=not (progress and d.main), desc="train",
                dynamic_ncols=True)
     try:
         for step, (x_uint8, y) in enumerate(loader, start=start):
             gen = seeded_generator(tc.seed, 2, step)
             x0 = _prepare_batch(x_uint8, gen, cfg, num_levels, rank_slice, d.device)
-            if d.device.type == "cuda" and tc.channels_last:
+            if cuda and tc.channels_last and x0.ndim == 4:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            labels = y.to(d.device) if cfg.model.num_classes else None
-            t = t_sampler.sample(tc.batch_size, gen, dtype=torch.float32)[rank_slice].to(d.device)
-            z = torch.randn((tc.batch_size,) + tuple(x0.shape[1:]), generator=gen)[rank_slice]
-            z = z.to(d.device)
+            batch = Batch(x0, y.to(d.device) if cfg.model.num_classes else None)
             torch.manual_seed(derived_seed(tc.seed, 3, step, d.rank))  # dropout masks
-            for g in opt.param_groups:
-                g["lr"] = learning_rate(tc, step)
-            loss = training_loss(score_model, sde, x0, t, z, labels, weighting, t_sampler, tc,
-                                 amp_dtype)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm)
-            loss_global = _all_reduce_mean(loss.detach(), d)
-            loss_value, grad_value = loss_global.item(), float(grad_norm)
-            if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+            try:
+                stats = train_step(state, setup.objective, batch,
+                                   BatchGenerator(gen, tc.batch_size, rank_slice, d.device),
+                                   step, amp_dtype=amp_dtype, reduce=reduce)
+            except TrainingDiverged as e:
                 raise TrainingDiverged(
-                    f"step {step}: loss={loss_value} grad_norm={grad_value} is not finite; "
-                    f"stopped before the update, the last good checkpoint is "
-                    f"{last_ckpt or 'none (none written yet)'}. Lower train.lr, check the data "
-                    f"scaling, or try train.precision=fp32."
-                )
-            opt.step()
-            ema_update(ema, net, tc.ema_rate)
+                    f"{e}, the last good checkpoint is {last_ckpt or 'none (none written yet)'}. "
+                    f"Lower train.lr, check the data scaling, or try train.precision=fp32."
+                ) from None
+            loss_value = stats.loss
             done = step + 1
             bar.update(1)
             if d.main and (done % tc.log_every == 0 or done == tc.n_iters):
@@ -484,73 +645,118 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
                 dt = now - (last_log_t or t0)
                 ips = tc.batch_size * (done - last_log_step) / max(dt, 1e-9)
                 last_log_t, last_log_step = now, done
-                row = [done, f"{loss_value:.6g}", f"{grad_value:.6g}",
-                       f"{learning_rate(tc, step):.6g}", f"{ips:.4g}", f"{now - t0:.2f}"]
-                csv_writer.writerow(row)
-                csv_file.flush()
-                writer.add_scalar("train/loss", loss_value, done)
-                writer.add_scalar("train/grad_norm", grad_value, done)
-                writer.add_scalar("train/lr", learning_rate(tc, step), done)
-                writer.add_scalar("train/images_per_s", ips, done)
+                scalars = {"loss": loss_value,
+                           **{f"grad_norm/{n}": v for n, v in stats.grad_norms.items()},
+                           **{f"lr/{n}": v for n, v in stats.lrs.items()}, **stats.logs}
+                csv_log.write({"step": done, **{k: f"{v:.6g}" for k, v in scalars.items()},
+                               "images_per_s": f"{ips:.4g}", "elapsed_s": f"{now - t0:.2f}"})
+                for k, v in {**scalars, "images_per_s": ips}.items():
+                    writer.add_scalar(f"train/{k}", v, done)
                 bar.set_postfix(loss=f"{loss_value:.4g}")
             if done % tc.ckpt_every == 0 or done == tc.n_iters:
                 if d.main:
-                    last_ckpt = _save(ckpt_dir, done, cfg, net, ema, opt, d)
+                    last_ckpt = _save(ckpt_dir, done, cfg, state, d)
                     plot_loss_curve(log_path, out / "loss.png")
                 _barrier(d)
-            if d.main and tc.sample_grid and done % tc.sample_every == 0:
-                _save_grid(out, done, cfg, ema, sde)
+            if d.main and tc.sample_grid and setup.sample and done % tc.sample_every == 0:
+                _save_grid(out, done, cfg, state, setup)
     finally:
         bar.close()
-        if csv_file:
-            csv_file.close()
+        csv_log.close()
         if writer:
             writer.close()
-    ema_model = ScoreModel(ema, sde, centered=cfg.data.centered).eval()
-    return TrainResult(step=max(tc.n_iters, start), out_dir=out,
-                       checkpoint=last_ckpt, loss=loss_value, score_model=ema_model,
-                       log_path=log_path)
+    models = {n: m.eval() for n, m in state.eval_models().items()}
+    return TrainResult(step=max(tc.n_iters, start), out_dir=out, checkpoint=last_ckpt,
+                       loss=loss_value, log_path=log_path, models=models,
+                       score_model=setup.result_model(models) if setup.result_model else None)
 
 
-def _save(ckpt_dir, step, cfg, net, ema, opt, d):
+def _save(ckpt_dir, step, cfg, state: TrainState, d):
     meta = {
         "step": step,
         "config": cfg.to_dict(),
-        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+        "state_layout": STATE_LAYOUT,
+        "models": list(state.modules),
+        "optimizers": state.optimizer_meta(),
         "rng": {"scheme": "seeded_generator(seed, stream, step)", "seed": cfg.train.seed},
         "world_size": d.world_size,
         "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    path = ckpt.save_checkpoint(ckpt.checkpoint_stem(ckpt_dir, step),
-                                state_tensors(net, ema, opt), meta)
+    path = ckpt.save_checkpoint(ckpt.checkpoint_stem(ckpt_dir, step), state.tensors(), meta)
     ckpt.prune_checkpoints(ckpt_dir, cfg.train.keep_last)
     return path
 
 
-def _save_grid(out, step, cfg, ema, sde):
-    was_training = ema.training
-    ema.eval()
-    x = sample_images(ScoreModel(ema, sde, centered=cfg.data.centered), sde, cfg.sampling,
-                      cfg.train.sample_grid,
-                      steps=cfg.sampling.grid_steps, eps=cfg.sde.sampling_eps,
-                      generator=seeded_generator(cfg.train.seed, 4, step),
-                      device=next(ema.parameters()).device)
-    ema.train(was_training)
-    save_image_grid(to_unit_range(x, cfg.data.centered), out / "samples" / f"step_{step:08d}.png")
+def _save_grid(out, step, cfg, state: TrainState, setup: TrainingSetup):
+    models = state.eval_models()
+    was_training = {n: m.training for n, m in models.items()}
+    for m in models.values():
+        m.eval()
+    images = setup.sample(models, cfg.train.sample_grid, seeded_generator(cfg.train.seed, 4, step))
+    for n, m in models.items():
+        m.train(was_training[n])
+    save_image_grid(images, out / "samples" / f"step_{step:08d}.png")
 
 
 # --- loading trained models -----------------------------------------------------------------
 
 
-def load_score_model(path: str | Path, *, ema: bool = True, device="cpu"):
-    """(ScoreModel, Config) from a training checkpoint or an exported EMA file (`export_ema`)."""
+def _legacy_tensors(tensors: dict, cfg: Config) -> dict:
+    """Tensors of the first layout (model/, ema/, opt/<index>/) renamed to the model 'score'."""
+    names = [n for n, _ in build_model(cfg.model).named_parameters()]  # the old index order
+    out = {}
+    for k, v in tensors.items():
+        section, rest = k.split("/", 1)
+        if section == "model":
+            out[f"score/{rest}"] = v
+        elif section == "ema":
+            out[f"ema/score/{rest}"] = v
+        elif section == "opt":
+            i, state_key = rest.split("/", 1)
+            out[f"opt/score/{names[int(i)]}/{state_key}"] = v
+        else:
+            raise ckpt.CheckpointError(f"unexpected tensor {k!r} in a first-layout checkpoint")
+    return out
+
+
+def migrate_checkpoint(path: str | Path, out_stem: str | Path) -> Path:
+    """Rewrite a checkpoint of the first format (config and tensor names) in the current one.
+
+    Tensors `model/...`, `ema/...`, `opt/<index>/...` become `score/...`, `ema/score/...`,
+    `opt/score/<parameter name>/...` with the same values, bit for bit; the config is converted
+    by `lsgm_edu.configs.convert_legacy`. Returns the new sidecar `<out_stem>.json`.
+    """
     tensors, meta = ckpt.load_checkpoint(path)
-    cfg = config_from_dict(meta["config"], name=meta["config"].get("name", "unnamed"))
+    if meta.get("state_layout") == STATE_LAYOUT:
+        raise ckpt.CheckpointError(f"{path}: already in the current layout")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = config_from_dict(meta["config"], name=meta["config"].get("name", "unnamed"))
+    new_meta = {k: v for k, v in meta.items() if k not in ("format", "tensors", "sha256")}
+    new_meta.update(config=cfg.to_dict(), state_layout=STATE_LAYOUT, models=["score"])
+    if "param_groups" in new_meta:
+        new_meta["optimizers"] = {"score": new_meta.pop("param_groups")}
+    return ckpt.save_checkpoint(out_stem, _legacy_tensors(tensors, cfg), new_meta)
+
+
+def load_score_model(path: str | Path, *, ema: bool = True, device="cpu", name: str = "score"):
+    """(ScoreModel, Config) from a training checkpoint or an exported EMA file (`export_ema`).
+
+    `name` picks the model of a multi-model checkpoint. A checkpoint of the first format
+    is converted in memory with a warning (`migrate_checkpoint` converts the files).
+    """
+    tensors, meta = ckpt.load_checkpoint(path)
+    cfg = config_from_dict(meta["config"], name=meta["config"].get("name", "unnamed"),
+                           source=f"{path} (sidecar config)")
+    if meta.get("state_layout") != STATE_LAYOUT:
+        warnings.warn(f"{path}: checkpoint of the first layout (tensors model/..., ema/...); "
+                      f"convert it once with lsgm_edu.train.migrate_checkpoint", stacklevel=2)
+        tensors, name = _legacy_tensors(tensors, cfg), "score"
     sde = build_sde(cfg.sde)
     net = build_model(cfg.model)
-    prefix = "ema/" if (ema or meta.get("kind") == "ema") else "model/"
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    prefix = f"ema/{name}/" if (ema or meta.get("kind") == "ema") else f"{name}/"
+    state = _part(tensors, prefix)
     if not state:
         raise ckpt.CheckpointError(f"{path}: no '{prefix}' tensors in this checkpoint")
     net.load_state_dict(state)
@@ -562,8 +768,10 @@ def export_ema(checkpoint_path: str | Path, out_stem: str | Path, note: str = ""
     tensors, meta = ckpt.load_checkpoint(checkpoint_path)
     ema_tensors = {k: v for k, v in tensors.items() if k.startswith("ema/")}
     small = {"kind": "ema", "step": meta["step"], "config": meta["config"], "note": note,
-             "torch": meta.get("torch"), "exported_from": Path(checkpoint_path).name}
-    return ckpt.save_checkpoint(out_stem, ema_tensors, small)
+             "torch": meta.get("torch"), "exported_from": Path(checkpoint_path).name,
+             "state_layout": meta.get("state_layout"), "models": meta.get("models")}
+    return ckpt.save_checkpoint(out_stem, ema_tensors, {k: v for k, v in small.items()
+                                                        if v is not None})
 
 
 def summary(result: TrainResult) -> str:

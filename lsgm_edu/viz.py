@@ -8,8 +8,6 @@ the website (where no kernel runs) still shows the idea.
 from __future__ import annotations
 
 import inspect
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from numbers import Integral, Real
 from pathlib import Path
@@ -256,30 +254,15 @@ def show_source(obj):
     return Code(inspect.getsource(obj), language="python")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_figure(fig, path, **kw) -> Path:
-    """Save `fig` to `path` atomically: write a temporary file beside it, then os.replace.
+    """Save `fig` to `path` atomically (`checkpoint.atomic_write_bytes`: temporary file, rename).
 
     Keywords go to `fig.savefig` (default bbox_inches="tight"); the format follows the suffix.
     """
+    from lsgm_edu.checkpoint import atomic_write_bytes
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     kw.setdefault("bbox_inches", "tight")
-    kw.setdefault("format", path.suffix.lstrip(".") or None)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, **kw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # the temporary name ends in .tmp: name the format, from the suffix or matplotlib's default
+    kw.setdefault("format", path.suffix.lstrip(".") or plt.rcParams["savefig.format"])
+    return atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, **kw))

@@ -7,6 +7,7 @@ from lsgm_edu.losses import SigmaSquaredWeighting, UniformTimeSampler, denoising
 from lsgm_edu.nets import EpsToScore, ScoreMLP
 from lsgm_edu.sde import VPSDE
 from lsgm_edu.toy import GaussianMixture
+from lsgm_edu.toy_training import train_toy_score_model
 
 
 def toy_mixture() -> GaussianMixture:
@@ -27,19 +28,34 @@ def trained_toy_model():
     n_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        gmm, sde, steps, batch = toy_mixture(), VPSDE(), 1500, 512
-        model = EpsToScore(ScoreMLP(2, generator=0), sde)
-        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        g, times = torch.Generator().manual_seed(0), UniformTimeSampler(1e-3, 1.0)
-        for _ in range(steps):
-            x0 = gmm.sample(batch, g)
-            t = times.sample(batch, g)
-            loss = denoising_score_matching(model, sde, x0, t, SigmaSquaredWeighting(), g).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-        yield gmm, sde, model.eval()
+        gmm, sde, times = toy_mixture(), VPSDE(), UniformTimeSampler(1e-3, 1.0)
+
+        def loss_fn(model, x0, g):
+            t = times.sample(len(x0), g)
+            return denoising_score_matching(model, sde, x0, t, SigmaSquaredWeighting(), g)
+
+        model, _ = train_toy_score_model(
+            EpsToScore(ScoreMLP(2, generator=0), sde),
+            loss_fn,
+            gmm.sample,
+            steps=1500,
+            batch_size=512,
+            lr=2e-3,
+            schedule="cosine",
+            generator=torch.Generator().manual_seed(0),
+        )
+        yield gmm, sde, model
     finally:
         torch.set_num_threads(n_threads)
+
+
+@pytest.fixture
+def replay_seed(request):
+    """A fresh random seed for a randomized test, printed so a failure can be replayed:
+    LSGM_EDU_TEST_SEED=<seed> pytest <test> draws the same numbers again."""
+    import os
+    import random
+
+    seed = int(os.environ.get("LSGM_EDU_TEST_SEED", random.randrange(2**32)))
+    print(f"{request.node.nodeid}: seed {seed} (replay with LSGM_EDU_TEST_SEED={seed})")
+    return seed

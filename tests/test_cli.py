@@ -10,7 +10,7 @@ from PIL import Image
 from test_image_metrics import block_network, fake_inception  # noqa: F401  (fixture)
 
 from lsgm_edu import checkpoint as ckpt
-from lsgm_edu.__main__ import main
+from lsgm_edu.__main__ import main, sample_batches
 from lsgm_edu.configs import load_config
 from lsgm_edu.data import load_dataset
 from lsgm_edu.metrics import InceptionFeatures, compute_reference_statistics
@@ -94,6 +94,43 @@ def test_cli_inception_fid_with_local_weights_and_saved_statistics(
     res = json.loads(out.read_text())
     assert res["fid"] > 0 and res["inception_score"] >= 1.0 - 1e-9
     assert res["reference_statistics"] == "8 digits"
+    # statistics saved without features: no KID, and the JSON says why
+    assert res["kid"] is None and "KID: not computed" in res["protocol"]
+
+    # with a seeded subset of reference features in the .npz, KID is computed; batches of 3
+    # instead of 8 give the same images (per-image seeds), so the same FID up to the
+    # summation order of the moments
+    stats = compute_reference_statistics(real, InceptionFeatures(weights).features,
+                                         source="8 digits", keep_features=8, progress=False)
+    stats.save(tmp_path / "ref_kid.npz")
+    out = tmp_path / "fid_kid.json"
+    assert main(["eval", "--checkpoint", str(digits_run.checkpoint), "--num-samples", "8",
+                 "--batch-size", "3", "--steps", "3", "--inception-weights", str(weights),
+                 "--ref-stats", str(tmp_path / "ref_kid.npz"), "--kid-subsets", "4",
+                 "--kid-subset-size", "5", "--json", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["fid"] == pytest.approx(res["fid"], rel=1e-9)
+    assert again["inception_score"] == pytest.approx(res["inception_score"], rel=1e-9)
+    assert isinstance(again["kid"], float) and again["kid_std"] >= 0
+    assert "4 subsets of 5 rows" in again["protocol"]
+    assert "8 reference features" in again["protocol"]
+    assert "derived_seed(0, 8, i)" in again["protocol"] and "floor" in again["protocol"]
+
+
+def test_samples_do_not_depend_on_the_batch_size(digits_run):
+    model, cfg = load_score_model(digits_run.checkpoint)
+    cfg.sampling.steps = 3
+    batches = {bs: list(sample_batches(model, cfg, 16, bs, 0, "cpu", progress=False))
+               for bs in (7, 16)}
+    assert [b.shape[0] for b in batches[7]] == [7, 7, 2] and len(batches[16]) == 1
+    images = torch.cat(batches[7])
+    assert images.dtype == torch.uint8 and int(images.max()) <= 16  # 17-level digits
+    assert torch.equal(images, batches[16][0])
+    # another seed gives other images; the first 9 images of 16 are the 9 images of 9
+    other = torch.cat(list(sample_batches(model, cfg, 16, 16, 1, "cpu", progress=False)))
+    assert not torch.equal(other, images)
+    first = torch.cat(list(sample_batches(model, cfg, 9, 4, 0, "cpu", progress=False)))
+    assert torch.equal(first, images[:9])
 
 
 def test_ve_config_trains_with_data_in_unit_range(tmp_path):

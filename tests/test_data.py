@@ -516,6 +516,71 @@ def test_to_uint8_clips_and_rejects_nan():
         to_uint8(torch.tensor([0.0, float("nan")]))
 
 
+def test_random_flip_takes_a_precomputed_mask():
+    x = torch.randint(0, 256, (6, 3, 4, 5), dtype=torch.uint8)
+    mask = torch.tensor([True, False, False, True, True, False])
+    out = random_flip(x, flip=mask)
+    assert torch.equal(out[mask], x[mask].flip(-1)) and torch.equal(out[~mask], x[~mask])
+    # the coins the generator path draws, drawn for a global batch and sliced per rank
+    coins = torch.rand(6, generator=torch.Generator().manual_seed(2)) < 0.5
+    whole = random_flip(x, torch.Generator().manual_seed(2))
+    assert torch.equal(torch.cat([random_flip(x[:3], flip=coins[:3]),
+                                  random_flip(x[3:], flip=coins[3:])]), whole)
+    with pytest.raises(ValueError, match=r"bool tensor of shape \(6,\)"):
+        random_flip(x, flip=mask[:5])
+
+
+def test_dequantize_takes_precomputed_noise_and_a_data_range():
+    x = torch.randint(0, 17, (6, 1, 8, 8), dtype=torch.uint8)
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(4))
+    y = dequantize(x, 17, noise=u)
+    assert torch.equal(y, (x.float() + u) / 17)
+    assert torch.equal(y, dequantize(x, 17, torch.Generator().manual_seed(4)))  # same draw
+    assert torch.equal(dequantize(x[2:5], 17, noise=u[2:5]), y[2:5])  # a rank's slice
+    centred = dequantize(x, 17, torch.Generator().manual_seed(4), data_range=(-1.0, 1.0),
+                         dtype=torch.float64)
+    assert torch.equal(centred, likelihood_dequantize(x, torch.Generator().manual_seed(4),
+                                                      n_bins=17, dtype=torch.float64))
+    with pytest.raises(ValueError, match="noise must be a tensor of x's shape"):
+        dequantize(x, 17, noise=u[:2])
+    with pytest.raises(ValueError, match=r"x must lie in \{0, ..., 16\}"):
+        dequantize(x + 17, 17)
+
+
+@pytest.mark.parametrize("levels", [256, 17])
+@pytest.mark.parametrize("centered", [True, False])
+def test_to_uint8_rounding_rule_is_named_after_the_training_discretization(levels, centered):
+    x = torch.arange(levels).to(torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    for discretization in data.DISCRETIZATIONS:
+        y = data.to_model(x, levels, discretization=discretization, centered=centered,
+                          generator=g, dtype=torch.float64)
+        assert torch.equal(data.to_uint8(y, levels, discretization=discretization,
+                                         centered=centered), x)
+    scale = data.to_model(x, levels, discretization="scale", centered=False)
+    assert torch.equal(scale, x.float() / (levels - 1))
+    # "dequantize": the whole bin [x / L, (x + 1) / L) is level x (floor, not round)
+    top = (x.double() + 0.99) / levels
+    top = data.to_centered(top) if centered else top
+    assert torch.equal(data.to_uint8(top, levels, discretization="dequantize",
+                                     centered=centered), x)
+    assert not torch.equal(data.to_uint8(top, levels, discretization="scale",
+                                         centered=centered), x)
+    # "scale": x / (L - 1) plus less than half a level is level x (round, not floor)
+    below = (x.double() - 0.45) / (levels - 1)
+    below = data.to_centered(below) if centered else below
+    assert torch.equal(data.to_uint8(below, levels, discretization="scale",
+                                     centered=centered), x)
+    with pytest.raises(ValueError, match="discretization must be one of"):
+        data.to_uint8(top, levels, discretization="round")
+
+
+def test_to_8bit_spreads_levels_over_0_to_255():
+    assert data.to_8bit(torch.arange(17), 17).tolist()[::4] == [0, 64, 128, 191, 255]
+    x = torch.arange(256).to(torch.uint8)
+    assert torch.equal(data.to_8bit(x, 256), x)
+
+
 def test_bits_per_dim_convention_for_centered_models():
     # A model uniform on [-1, 1]^D has log p_c = -D log 2; 8-bit data under it cost 8 bits/dim.
     d = 3072

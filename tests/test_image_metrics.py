@@ -1,9 +1,11 @@
 """FID / IS / KID against closed forms, the Inception pipeline on random local weights (no
-network), saved statistics, the digit classifier and its FID on real MNIST digits, bits/dim."""
+network), saved and streamed statistics, the digit classifier and its FID on real MNIST digits,
+bits/dim. Tests that train the digit classifier are marked slow."""
 
 import math
 import socket
 import urllib.request
+import weakref
 
 import numpy as np
 import pytest
@@ -32,9 +34,9 @@ from lsgm_edu.metrics import (
     load_classifier,
     nll_to_bits_per_dim,
     save_classifier,
-    train_digit_classifier,
+    stream_sample_statistics,
 )
-from lsgm_edu.nets.classifier import DigitClassifier
+from lsgm_edu.nets.classifier import DigitClassifier, train_digit_classifier
 
 F64 = torch.float64
 
@@ -457,6 +459,116 @@ def test_images_to_uint8_inverts_the_data_scaling():
     assert torch.equal(images_to_uint8(levels.float() / 127.5 - 1), levels)
     assert torch.equal(images_to_uint8(torch.tensor([-3.0, 3.0])), torch.tensor([0, 255]))
     assert torch.equal(images_to_uint8(levels.double() / 255, (0.0, 1.0)), levels)
+    # trained as (x + u) / 256: floor, so the whole bin maps back to its level
+    dequantized = (levels.double() + 0.999) / 128 - 1
+    assert torch.equal(images_to_uint8(dequantized, discretization="dequantize"), levels)
+    assert not torch.equal(images_to_uint8(dequantized), levels)  # rounding would move them
+
+
+def test_reference_statistics_keep_a_seeded_random_subset_of_features(tmp_path):
+    images = tiny_images(103, size=8, seed=5)
+    fn = projection_features(dim=4)
+    all_features = fn(images).to(torch.float32)
+    stats = compute_reference_statistics(images, fn, batch_size=10, keep_features=20, seed=3,
+                                         progress=False)
+    assert stats.features.shape == (20, 4)
+    # every kept row is one of the images' features, no row twice
+    rows = {tuple(r) for r in all_features.numpy().tolist()}
+    kept = [tuple(r) for r in stats.features.tolist()]
+    assert set(kept) <= rows and len(set(kept)) == 20
+    # the same seed keeps the same subset whatever the batch size; another seed another one
+    again = compute_reference_statistics(images, fn, batch_size=7, keep_features=20, seed=3,
+                                         progress=False)
+    other = compute_reference_statistics(images, fn, batch_size=10, keep_features=20, seed=4,
+                                         progress=False)
+    assert np.array_equal(again.features, stats.features)
+    assert not np.array_equal(other.features, stats.features)
+    # uniform: over seeds, every image is kept about 20/103 of the time, the first as the last
+    counts = np.zeros(103)
+    index = {tuple(r): i for i, r in enumerate(all_features.numpy().tolist())}
+    for seed in range(200):
+        sub = compute_reference_statistics(images, fn, batch_size=50, keep_features=20,
+                                           seed=seed, progress=False)
+        for r in sub.features.tolist():
+            counts[index[tuple(r)]] += 1
+    assert abs(counts[:50].mean() - counts[50:].mean()) < 0.1 * 200 * 20 / 103
+    # saved and loaded with the statistics; files without features load with None
+    loaded = ImageStats.load(stats.save(tmp_path / "ref.npz"))
+    assert np.array_equal(loaded.features, stats.features)
+    no_features = compute_reference_statistics(images, fn, progress=False)
+    assert no_features.features is None
+    assert ImageStats.load(no_features.save(tmp_path / "plain.npz")).features is None
+    # all images when fewer than asked
+    assert compute_reference_statistics(images, fn, keep_features=500,
+                                         progress=False).features.shape == (103, 4)
+
+
+def test_inception_score_streamed_equals_all_at_once():
+    logits = torch.randn(103, 11, generator=gen(8), dtype=F64) * 3
+    batches = tiny_images(103, size=2, seed=0)
+
+    def by_index(seen=[0]):  # noqa: B006  (a counter: the rows of `logits` in stream order)
+        def fn(batch):
+            rows = logits[seen[0] : seen[0] + batch.shape[0]]
+            seen[0] += batch.shape[0]
+            return torch.zeros(batch.shape[0], 2, dtype=F64), rows
+        return fn
+
+    for splits in (1, 4, 10):
+        got = stream_sample_statistics(batches.split(9), by_index([0]), 103, is_splits=splits)
+        ref = inception_score(logits, splits)
+        assert got.inception_score[0] == pytest.approx(ref[0], rel=1e-12)
+        assert got.inception_score[1] == pytest.approx(ref[1], rel=1e-9, abs=1e-12)
+
+
+class TrackedBatches:
+    """uint8 batches made on demand; records how many earlier batches are still alive (held by
+    the consumer) each time a new one is made."""
+
+    def __init__(self, images, batch_size):
+        self.images, self.batch_size = images, batch_size
+        self.refs, self.alive_at_creation = [], []
+
+    def _make(self, i):
+        self.alive_at_creation.append(sum(r() is not None for r in self.refs))
+        batch = self.images[i : i + self.batch_size].clone()  # a fresh tensor, like a sampler's
+        self.refs.append(weakref.ref(batch))
+        return batch
+
+    def __iter__(self):
+        for i in range(0, self.images.shape[0], self.batch_size):
+            yield self._make(i)  # no local name: the generator holds no batch while suspended
+
+
+def test_stream_sample_statistics_holds_one_batch_and_equals_all_at_once():
+    images = tiny_images(103, size=8, seed=6)
+    proj = projection_features(dim=6, offset=1e3)
+    w_logits = torch.randn(3 * 8 * 8, 10, generator=gen(9), dtype=F64)
+
+    def feature_fn(batch):  # a tiny stand-in for InceptionFeatures: (pool, logits)
+        flat = batch.reshape(batch.shape[0], -1).to(F64)
+        return proj(batch), flat @ w_logits / 300
+
+    stream = TrackedBatches(images, 10)
+    got = stream_sample_statistics(stream, feature_fn, 103, is_splits=4, keep_features=25)
+    assert len(stream.refs) == 11 and max(stream.alive_at_creation) == 0  # one batch at a time
+    pool, logits = feature_fn(images)
+    mu, sigma = gaussian_statistics(pool)
+    np.testing.assert_allclose(got.stats.mu, mu, rtol=1e-12)
+    np.testing.assert_allclose(got.stats.sigma, sigma, rtol=1e-7, atol=1e-9 * np.abs(sigma).max())
+    assert got.stats.n == 103
+    assert got.inception_score == pytest.approx(inception_score(logits, 4), rel=1e-12, abs=1e-12)
+    assert torch.equal(got.features, pool[:25].to(torch.float32))
+    # KID from the kept features and a reference's kept subset
+    ref = compute_reference_statistics(tiny_images(80, size=8, seed=7), feature_fn,
+                                       keep_features=40, progress=False)
+    kid = kernel_inception_distance(got.features, torch.from_numpy(ref.features), subsets=5,
+                                    subset_size=20, generator=gen(0))
+    assert math.isfinite(kid[0])
+    # features only (no logits): no Inception score; a wrong count is an error
+    assert stream_sample_statistics(TrackedBatches(images, 50), proj, 103).inception_score is None
+    with pytest.raises(ValueError, match="expected num_images=104"):
+        stream_sample_statistics(TrackedBatches(images, 50), proj, 104, is_splits=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,12 +611,14 @@ def trained_classifier(mnist_split):
         torch.set_num_threads(n_threads)
 
 
+@pytest.mark.slow
 def test_classifier_held_out_accuracy(mnist_split, trained_classifier):
     images, labels, _, test = mnist_split
     acc = classifier_accuracy(trained_classifier, images[test.flatten()], labels[test.flatten()])
     assert acc > 0.95
 
 
+@pytest.mark.slow
 def test_classifier_fid_separates_real_from_wrong_digits(mnist_split, trained_classifier):
     images, labels, train, test = mnist_split
     half_a, half_b = images[test[:, :50].flatten()], images[test[:, 50:].flatten()]
@@ -516,6 +630,7 @@ def test_classifier_fid_separates_real_from_wrong_digits(mnist_split, trained_cl
     assert same == pytest.approx(classifier_fid(half_b, half_a, trained_classifier), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_classifier_save_load_round_trip(tmp_path, mnist_split, trained_classifier):
     images, _, _, test = mnist_split
     sidecar = save_classifier(
@@ -562,6 +677,7 @@ def test_training_is_reproducible_and_leaves_global_rng_alone(mnist_split):
         classifier_features(runs[0], images[:2].expand(-1, 3, -1, -1))
 
 
+@pytest.mark.slow
 def test_classifier_on_8x8_digits():
     from sklearn.datasets import load_digits
 

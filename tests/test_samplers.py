@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lsgm_edu.metrics import sliced_wasserstein
+from lsgm_edu.metrics import sliced_wasserstein_ratio
 from lsgm_edu.samplers import (
     ChainRecorder,
     langevin,
@@ -24,23 +24,17 @@ def target_gmm():
     return GaussianMixture(means, torch.tensor([0.5, 0.6, 0.45]), torch.tensor([0.5, 0.3, 0.2]))
 
 
-def mean_swd(xs, ys):
-    """SW2 averaged over pairs of sets; the same 512 projections for every pair."""
-    swds = [
-        sliced_wasserstein(a, b, 512, torch.Generator().manual_seed(99)) for a, b in zip(xs, ys)
-    ]
-    return torch.stack(swds).mean().item()
-
-
 def swd_ratio(gmm, x, g):
     """SWD of sampler output to fresh true samples over the iid baseline (two true sets).
 
     x holds REPLICATES * N independent chains, compared in sets of N; the baseline averages 16
-    pairs of true sets, so a sampler that draws from the target gives a ratio near 1.
+    pairs of true sets, so a sampler that draws from the target gives a ratio near 1. The same
+    512 projections serve every pair.
     """
-    refs = gmm.sample(REPLICATES * N, g).chunk(REPLICATES)
-    base = mean_swd(gmm.sample(16 * N, g).chunk(16), gmm.sample(16 * N, g).chunk(16))
-    return mean_swd(x.chunk(REPLICATES), refs) / base
+    return sliced_wasserstein_ratio(
+        x, gmm.sample, sets=REPLICATES, baseline_pairs=16, n_projections=512,
+        generator=g, projection_seed=99,
+    )
 
 
 def broad_start(g):

@@ -1,8 +1,11 @@
-"""Trainer: exact resume after kill -9, corrupt checkpoints, pickle refusal, NaN stop, DDP = 1 process."""
+"""Trainer: exact resume after kill -9, corrupt checkpoints, pickle refusal, NaN stop, DDP = 1
+process, for DSM and for a toy objective over two models with two optimizers; checkpoints
+of the first format."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -10,14 +13,24 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from lsgm_edu import checkpoint as ckpt
-from lsgm_edu.configs import load_config
-from lsgm_edu.train import TrainingDiverged, global_batch_indices, init_model, train
+from lsgm_edu.configs import LegacyConfigWarning, config_from_dict, load_config
+from lsgm_edu.data import shipped_file
+from lsgm_edu.train import (
+    TrainingDiverged,
+    global_batch_indices,
+    init_model,
+    load_score_model,
+    migrate_checkpoint,
+    read_log,
+    train,
+)
 
 # A small digits model: quick steps, yet every code path of the trainer (EMA, warmup, clipping,
 # flips, dequantization, DSM, checkpoints) runs.
@@ -27,6 +40,8 @@ TINY = [
     "train.ema_rate=0.9", "data.dequantize=true",
 ]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+TWO_MODELS = Path(__file__).resolve().parent / "_two_models.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def _cli(out: Path, steps: int, ckpt_every: int, *extra: str, resume=False, launcher=None):
@@ -35,6 +50,12 @@ def _cli(out: Path, steps: int, ckpt_every: int, *extra: str, resume=False, laun
         "train", "--config", "digits8_ddpmpp_vp", "--out", str(out), "--no-progress"]
     for s in sets:
         cmd += ["--set", s]
+    return cmd + (["--resume"] if resume else [])
+
+
+def _toy(out: Path, steps: int, ckpt_every: int, resume=False, launcher=None):
+    """Command of the two-model toy run (tests/_two_models.py)."""
+    cmd = (launcher or [sys.executable]) + [str(TWO_MODELS), str(out), str(steps), str(ckpt_every)]
     return cmd + (["--resume"] if resume else [])
 
 
@@ -61,39 +82,56 @@ def test_batches_are_a_seeded_permutation_per_epoch():
     assert not torch.equal(global_batch_indices(n, b, 0, 3), global_batch_indices(n, b, per_epoch, 3))
 
 
-def test_exact_resume_after_kill9(tmp_path):
-    steps, every = 160, 10
+def _kill_and_resume(command, tmp_path, steps, every, seed, kill_range):
+    """Run `command(out, resume)` uninterrupted and killed with SIGKILL at a step drawn from
+    `seed`, then resumed; both must end with bit-identical tensors and one log row per step."""
     ref, run = tmp_path / "uninterrupted", tmp_path / "killed"
-    subprocess.run(_cli(ref, steps, every), check=True, env=ENV, capture_output=True, text=True)
+    subprocess.run(command(ref, False), check=True, env=ENV, capture_output=True, text=True)
 
-    kill_at = random.Random().randint(15, 120)
-    proc = subprocess.Popen(_cli(run, steps, every), env=ENV, stdout=subprocess.PIPE,
+    kill_at = random.Random(seed).randint(*kill_range)
+    proc = subprocess.Popen(command(run, False), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while _logged_step(run / "log.csv") < kill_at and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    assert proc.poll() is None, f"the run finished before the kill at step {kill_at}"
+        time.sleep(0.002)
+    assert proc.poll() is None, f"the run finished before the kill at step {kill_at} (seed {seed})"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = _logged_step(run / "log.csv")
     saved = ckpt.list_checkpoints(run / "checkpoints")
     assert saved and saved[-1][0] < steps, f"killed at {killed_at}, checkpoints {saved}"
 
-    res = subprocess.run(_cli(run, steps, every, resume=True), check=False, env=ENV, capture_output=True,
-                         text=True)
+    res = subprocess.run(command(run, True), check=False, env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"resuming from step {saved[-1][0]}" in res.stdout + res.stderr
 
     a, b = _final_tensors(ref), _final_tensors(run)
     assert a.keys() == b.keys() and a["step"] == b["step"] == steps
-    for k in a:
-        if k.startswith(("model/", "ema/", "opt/")):
-            assert torch.equal(a[k], b[k]), f"{k} differs after kill at step {killed_at}"
+    for k in a.keys() - {"step"}:
+        assert torch.equal(a[k], b[k]), f"{k} differs after kill at step {killed_at} (seed {seed})"
     # the log was cut back to the checkpoint and continued: one row per step, in order
     logged = [int(line.split(",")[0]) for line in (run / "log.csv").read_text().splitlines()[1:]]
     assert logged == list(range(1, steps + 1))
+    return a
 
 
+@pytest.mark.slow
+def test_exact_resume_after_kill9(tmp_path, replay_seed):
+    tensors = _kill_and_resume(lambda out, resume: _cli(out, 160, 10, resume=resume), tmp_path,
+                               160, 10, replay_seed, (15, 120))
+    assert {k.split("/")[0] for k in tensors if k != "step"} == {"score", "ema", "opt"}
+
+
+@pytest.mark.slow
+def test_two_models_two_optimizers_resume_exactly_after_kill9(tmp_path, replay_seed):
+    tensors = _kill_and_resume(lambda out, resume: _toy(out, 300, 10, resume=resume), tmp_path,
+                               300, 10, replay_seed, (15, 200))
+    # a model per name, an EMA only where configured, Adam state by parameter name
+    assert {k.rsplit("/", 1)[0] for k in tensors if k.startswith("ema/")} == {"ema/decoder"}
+    assert "opt/encoder/0.weight/exp_avg" in tensors and "opt/decoder/2.bias/exp_avg_sq" in tensors
+
+
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     subprocess.run(_cli(tmp_path, 4, 2), check=True, env=ENV, capture_output=True)
     res = subprocess.run(_cli(tmp_path, 4, 2), check=False, env=ENV, capture_output=True, text=True)
@@ -155,7 +193,7 @@ def test_nan_loss_stops_and_keeps_good_checkpoints(tmp_path):
     saved = ckpt.list_checkpoints(tmp_path / "checkpoints")
     for _, sidecar in saved:
         tensors, _ = ckpt.load_checkpoint(sidecar)
-        assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("model/"))
+        assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("score/"))
 
 
 def test_training_writes_logs_curves_grids_and_lowers_the_loss(tmp_path):
@@ -183,21 +221,108 @@ def test_training_writes_logs_curves_grids_and_lowers_the_loss(tmp_path):
     assert result.score_model(x, torch.full((3,), 0.5)).shape == x.shape
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path):
     extra = ["model.dropout=0.0"]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_cli(one, 6, 6, *extra), check=True, env=ENV, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node", "2", "-m", "lsgm_edu"]
-    res = subprocess.run(_cli(two, 6, 6, *extra, launcher=torchrun), check=False, env=ENV,
+    res = subprocess.run(_cli(two, 6, 6, *extra, launcher=[*TORCHRUN, "-m", "lsgm_edu"]),
+                         check=False, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a, b = _final_tensors(one), _final_tensors(two)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a if k.startswith("score/"))
+    assert worst < 1e-6, f"2-process DDP differs from 1 process by {worst}"
+    init = init_model(load_config("digits8_ddpmpp_vp", [*TINY, *extra])).state_dict()
+    moved = max((a[f"score/{k}"] - v).abs().max().item() for k, v in init.items())
+    assert moved > 1e-3, "the weights did not train, so their equality would prove nothing"
+
+
+@pytest.mark.slow
+def test_two_models_ddp_two_processes_equal_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_toy(one, 8, 8), check=True, env=ENV, capture_output=True)
+    res = subprocess.run(_toy(two, 8, 8, launcher=TORCHRUN), check=False, env=ENV,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     a, b = _final_tensors(one), _final_tensors(two)
-    worst = max((a[k] - b[k]).abs().max().item() for k in a if k.startswith("model/"))
-    assert worst < 1e-6, f"2-process DDP differs from 1 process by {worst}"
-    init = init_model(load_config("digits8_ddpmpp_vp", [*TINY, *extra])).state_dict()
-    moved = max((a[f"model/{k}"] - v).abs().max().item() for k, v in init.items())
-    assert moved > 1e-3, "the weights did not train, so their equality would prove nothing"
+    assert a.keys() == b.keys()
+    for k in a:
+        if k != "step" and not k.endswith("/step"):
+            assert (a[k] - b[k]).abs().max().item() < 1e-6, k
+    log = read_log(one / "log.csv")  # each optimizer ran its own warmup to its own rate
+    assert log["lr/encoder"][-1] == 3e-3 and log["lr/decoder"][-1] == 1e-3
+    assert log["lr/encoder"][0] == pytest.approx(1e-3) and "code_norm" in log
+    assert all(math.isfinite(v) for v in log["loss"])
+
+
+def test_train_step_steps_each_model_with_its_own_optimizer():
+    sys.path.insert(0, str(TWO_MODELS.parent))
+    from _two_models import toy_config, toy_setup
+
+    from lsgm_edu.objectives import Batch, BatchGenerator
+    from lsgm_edu.train import TrainState, train_step
+
+    cfg = toy_config(4, 4)
+    setup = toy_setup(cfg)
+    state = TrainState(setup.models)
+    before = {k: v.clone() for k, v in state.tensors().items()}
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    stats = train_step(state, setup.objective, Batch(x), BatchGenerator(
+        torch.Generator().manual_seed(1), 8), step=5)  # past the encoder's 3 warmup steps
+    assert stats.lrs == {"encoder": 3e-3, "decoder": 1e-3} and "code_norm" in stats.logs
+    after = state.tensors()
+    assert not torch.equal(after["encoder/0.weight"], before["encoder/0.weight"])
+    assert not torch.equal(after["ema/decoder/0.weight"], before["ema/decoder/0.weight"])
+    assert "ema/encoder/0.weight" not in after  # no EMA configured for the encoder
+    # Adam's first step moves every weight by about lr: the two rates show in the updates
+    d_enc = (after["encoder/0.weight"] - before["encoder/0.weight"]).abs().max().item()
+    d_dec = (after["decoder/0.weight"] - before["decoder/0.weight"]).abs().max().item()
+    assert d_enc == pytest.approx(stats.lrs["encoder"], rel=0.01)
+    assert d_dec == pytest.approx(stats.lrs["decoder"], rel=0.01)
+
+
+def test_first_format_config_is_converted_with_a_warning():
+    old = load_config("cifar10_ncsnpp_ve").to_dict()
+    old["model"] = {**{k: v for k, v in old["model"].items() if k not in ("name", "arch")},
+                    "name": "ncsnpp"}
+    old["sde"] = {"name": "vesde", "beta_min": 0.1, "beta_max": 20.0, "sigma_min": 0.01,
+                  "sigma_max": 50.0, "N": 1000, "eps": 1e-5, "sampling_eps": 2e-5}
+    del old["train"]["eps"], old["sampling"]["eps"]
+    with pytest.warns(LegacyConfigWarning, match="sde.name vesde -> ve") as w:
+        cfg = config_from_dict(old, name="cifar10_ncsnpp_ve")
+    assert "dropped beta_max, beta_min" in str(w[0].message)
+    assert cfg.to_dict() == {**load_config("cifar10_ncsnpp_ve").to_dict(),
+                             "sampling": {**cfg.to_dict()["sampling"], "eps": 2e-5}}
+    assert cfg.model.arch == "ncsnpp" and cfg.train.eps == 1e-5
+
+
+def test_shipped_checkpoint_loads_and_first_format_migrates_bit_for_bit(tmp_path):
+    shipped = shipped_file("checkpoints/mnist28_ddpmpp_vp.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shipped files are in the current format
+        model, cfg = load_score_model(shipped)
+    tensors, meta = ckpt.load_checkpoint(shipped)
+    assert meta["state_layout"] == 2 and all(k.startswith("ema/score/") for k in tensors)
+    assert meta["config"]["sde"]["name"] == "vp" and cfg.sampling.eps == 1e-3
+    # write it back in the first format, as the trainer wrote it before, and migrate it
+    old_cfg = dict(meta["config"], sde={"name": "vpsde", "beta_min": 0.1, "beta_max": 20.0,
+                                        "sigma_min": 0.01, "sigma_max": 50.0, "N": 1000,
+                                        "eps": 1e-5, "sampling_eps": 1e-3},
+                   model={**{k: v for k, v in meta["config"]["model"].items() if k != "arch"},
+                          "name": "ddpmpp"})
+    old_meta = {"kind": "ema", "step": meta["step"], "config": old_cfg}
+    old = ckpt.save_checkpoint(tmp_path / "old", {f"ema/{k[len('ema/score/'):]}": v
+                                                  for k, v in tensors.items()}, old_meta)
+    with pytest.warns(UserWarning, match="first"):
+        legacy_model, _ = load_score_model(old)
+    new = migrate_checkpoint(old, tmp_path / "new")
+    migrated, new_meta = ckpt.load_checkpoint(new)
+    assert migrated.keys() == tensors.keys()
+    assert all(torch.equal(migrated[k].view(torch.uint8), tensors[k].view(torch.uint8))
+               for k in tensors)
+    assert new_meta["config"] == meta["config"]
+    for a, b in zip(model.state_dict().values(), legacy_model.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

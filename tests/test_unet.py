@@ -74,7 +74,7 @@ def _inputs(cfg: UNetConfig, batch: int, seed: int = 0):
 def _tiny(**changes) -> UNetConfig:
     """A small config; init_scale 1 so that residual branches (and conditioning) matter at init."""
     base = {
-        "name": "ncsnpp", "image_size": 8, "num_channels": 2, "nf": 8, "ch_mult": (1, 2),
+        "arch": "ncsnpp", "image_size": 8, "num_channels": 2, "nf": 8, "ch_mult": (1, 2),
         "num_res_blocks": 1, "attn_resolutions": (4,), "dropout": 0.0, "init_scale": 1.0,
     }
     return UNetConfig(**{**base, **changes})
@@ -432,7 +432,7 @@ def test_activation_checkpointing_gives_same_gradients(monkeypatch):
         ({"num_channels": 0}, "num_channels"),
         ({"embedding_type": "learned"}, "embedding_type"),
         ({"resblock_type": "resnet"}, "resblock_type"),
-        ({"name": "unet"}, "name"),
+        ({"arch": "unet"}, "arch"),
         ({"dropout": 1.0}, "dropout"),
         ({"conv_size": 5}, "conv_size"),
         ({"nf": 24, "ch_mult": (1, 2, 4)}, "nf"),  # a 144-channel concat: no valid GroupNorm
@@ -451,8 +451,8 @@ def test_config_errors_name_the_field(changes, field):
 def test_config_accepts_yaml_lists_and_build_model_dispatches():
     cfg = UNetConfig(**{**dataclasses.asdict(_tiny()), "ch_mult": [1, 2], "attn_resolutions": [4]})
     assert cfg.ch_mult == (1, 2) and cfg.attn_resolutions == (4,)
-    assert isinstance(build_model(dataclasses.replace(cfg, name="ddpmpp")), UNet)
-    with pytest.raises(ValueError, match="'mlp'"):
+    assert isinstance(build_model(dataclasses.replace(cfg, arch="ddpmpp")), UNet)
+    with pytest.raises(ValueError, match="not the config of a registered model"):
         build_model(SimpleNamespace(name="mlp"))
     mutated = _tiny()
     mutated.progressive = "bogus"  # validated again when the model is built

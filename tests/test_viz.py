@@ -3,6 +3,7 @@
 import inspect
 import os
 import types
+from pathlib import Path
 
 import matplotlib
 
@@ -16,6 +17,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.quiver import Quiver
 
 from lsgm_edu import viz
+from lsgm_edu.checkpoint import new_file_mode
 from lsgm_edu.samplers import ChainRecorder, langevin
 from lsgm_edu.toy import GaussianMixture
 
@@ -175,7 +177,10 @@ def test_save_figure_is_atomic(tmp_path, monkeypatch):
     ax.plot([0, 1], [0, 1])
     path = viz.save_figure(fig, tmp_path / "sub" / "fig.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert path.stat().st_mode & 0o777 == 0o666 & ~viz._umask()  # not mkstemp's 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    assert new_file_mode() == 0o666 & ~umask
     assert os.listdir(tmp_path / "sub") == ["fig.png"]
 
     # a failed write leaves the old file untouched and no temporary file behind
@@ -188,3 +193,32 @@ def test_save_figure_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "sub") == ["fig.png"]
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plt.close(fig)
+
+
+def test_every_atomic_writer_is_the_checkpoint_helper(tmp_path, monkeypatch):
+    """Figures, statistics and the CelebA-HQ PNGs go through checkpoint.atomic_write_bytes."""
+    from PIL import Image
+
+    from lsgm_edu import checkpoint, data, metrics
+
+    written = []
+    real = checkpoint.atomic_write_bytes
+
+    def spy(path, write):
+        written.append(Path(path).name)
+        return real(path, write)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", spy)
+    monkeypatch.setattr(data, "atomic_write_bytes", spy)
+    fig = plt.figure()
+    viz.save_figure(fig, tmp_path / "fig.svg")
+    plt.close(fig)
+    assert (tmp_path / "fig.svg").read_text().lstrip().startswith("<?xml")
+    stats = metrics.ImageStats(np.zeros(2), np.eye(2), 3, "x")
+    stats.save(tmp_path / "s.npz")
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (6, 4)).save(src / "a.jpg")
+    data.prepare_image_folder(src, tmp_path / "dst", size=4, progress=False)
+    assert written == ["fig.svg", "s.npz", "a.png"]
+    assert sorted(os.listdir(tmp_path / "dst")) == ["a.png"]

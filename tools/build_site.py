@@ -9,22 +9,21 @@
 What it adds to the plain command: the notebooks are executed by a Jupyter server that
 mystmd starts with the first `python` on PATH, so this environment's bin folder goes first on
 PATH; as root that server needs `allow_root` (set through a scratch JUPYTER_CONFIG_DIR); and
-mystmd leaves that server running after the build, so the build runs in its own process group
-and whatever is left of it is ended afterwards. Exits with the build's status.
+mystmd leaves that server running after the build (and the server starts each kernel in a
+session of its own), so the build runs supervised (check_book.run_supervised): every process
+it started is ended afterwards, on Ctrl-C and SIGTERM too. Exits with the build's status.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
-from check_book import execution_env, kill_group
+from check_book import execution_env, run_supervised
 
 REPO = TOOLS.parent
 
@@ -44,14 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         env = execution_env(env, REPO / ".build")
     cmd += args.extra
     print("+", " ".join(cmd[1:]), flush=True)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
     try:
-        return proc.wait()
+        return run_supervised(cmd, REPO, env, capture=False)[0]
     except KeyboardInterrupt:
         return 130
-    finally:
-        kill_group(proc.pid, signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ downloaded. The real myst.yml is never modified.
     python tools/check_book.py --root DIR # check another copy of the project (used by the tests)
     LSGM_EDU_FAST=1 python tools/check_book.py --execute   # and run every notebook, as
                                           # `jupyter book build --execute` does for the website
+    python tools/check_book.py --outputs .build/executed   # the website with the outputs of
+                                          # the notebooks `make test` just ran (no re-execution)
+
+It also fails when a chapter is missing from the toc or is not linked from the index page.
+A build never outlives the check: on a timeout, an exception, Ctrl-C, SIGTERM or even SIGKILL
+of this process (through a watchdog), every process the build started is ended, the Jupyter
+server and its kernels included (run_supervised).
 
 Why not just `jupyter book build --site --strict`: offline it fails while fetching the theme;
 and mystmd's strict summary forgets errors raised while a page is first parsed (an unknown
@@ -19,7 +26,9 @@ log counts here, not only the exit code.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import glob
+import json
 import os
 import re
 import shutil
@@ -27,7 +36,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -115,6 +126,102 @@ def prepare(root: Path, work: Path) -> dict:
     return config
 
 
+def chapters_missing_from_index(root: Path, toc: list[str]) -> list[str]:
+    """Chapters of the toc that the first page (the book's index) does not link to.
+
+    A chapter is linked by its label, the `(ch-...)=` line above its title: `[...](#ch-...)`.
+    """
+    if not toc or not (root / toc[0]).is_file():
+        return []
+    index = (root / toc[0]).read_text(encoding="utf-8")
+    missing = []
+    for rel in toc[1:]:
+        if not re.match(r"^\d\d_", Path(rel).name) or not (root / rel).is_file():
+            continue
+        text = (root / rel).read_text(encoding="utf-8")
+        label = re.search(r"^\(([^()\s]+)\)=\s*$", text, flags=re.MULTILINE)
+        if label is None:
+            missing.append(f"{rel}: no `(label)=` above its title, so {toc[0]} cannot link it")
+        elif f"](#{label.group(1)})" not in index:
+            missing.append(f"{rel}: not listed in {toc[0]} (no link to #{label.group(1)})")
+    return missing
+
+
+def _set_toc_file(toc: list, old: str, new: str) -> None:
+    for entry in toc or []:
+        if isinstance(entry, dict):
+            if os.path.normpath(entry.get("file", "")) == os.path.normpath(old):
+                entry["file"] = new
+            _set_toc_file(entry.get("children", []), old, new)
+
+
+def attach_outputs(root: Path, work: Path, config: dict, outputs: Path) -> list[str]:
+    """Build each chapter from its executed notebook instead of executing it again.
+
+    For every chapter in the toc that has code cells, `outputs/<stem>.ipynb` must hold the
+    outputs of a run of exactly its current code cells (the notebook tests write them to
+    .build/executed/). The chapter as jupytext reads it, with those outputs attached, replaces
+    the .md in the temporary project, and the toc points at it; Jupyter Book 2 renders the
+    stored outputs of a notebook it does not execute. Returns the problems found (a missing or
+    stale notebook, an error output), which stop the check before the build.
+    """
+    import jupytext
+    import nbformat
+
+    problems = []
+    project = config["project"]
+    for rel in toc_files(project.get("toc", [])):
+        if not re.match(r"^\d\d_", Path(rel).name) or not rel.endswith(".md"):
+            continue
+        nb = jupytext.read(root / rel)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        if not code:
+            continue
+        stored_path = outputs / (Path(rel).stem + ".ipynb")
+        if not stored_path.is_file():
+            problems.append(f"{rel}: no executed notebook {stored_path} (run the chapters "
+                            "first, as `make test` does, or check with --execute)")
+            continue
+        stored = nbformat.read(stored_path, as_version=4)
+        ran = [c for c in stored.cells if c.cell_type == "code"]
+        if [c.source for c in code] != [c.source for c in ran]:
+            problems.append(f"{rel}: the outputs in {stored_path} are stale (its code cells "
+                            "differ from the chapter's); run the chapters again")
+            continue
+        for i, (cell, done) in enumerate(zip(code, ran)):
+            tags = cell.metadata.get("tags", [])
+            for out in done.get("outputs", []):
+                if out.get("output_type") == "error" and "raises-exception" not in tags:
+                    problems.append(f"{rel}: code cell {i} raised {out.get('ename')}: "
+                                    f"{out.get('evalue')} (in {stored_path})")
+            cell.outputs = done.get("outputs", [])
+            cell.execution_count = done.get("execution_count")
+        nb.metadata.pop("jupytext", None)  # mystmd warns about its keys
+        target = (work / rel).with_suffix(".ipynb")
+        nbformat.write(nb, target)
+        (work / rel).unlink()
+        _set_toc_file(project["toc"], rel, os.path.relpath(target, work))
+    # myst.yml excludes the generated book/*.ipynb, which are now the pages
+    project["exclude"] = [p for p in project.get("exclude", [])
+                          if not fnmatch.fnmatch("book/x.ipynb", p)]
+    (work / "myst.yml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return problems
+
+
+def rendered_outputs(page: dict) -> int:
+    """Number of code-cell outputs in a built page (mystmd's `output` nodes)."""
+    count, stack = 0, [page.get("mdast", page)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "output" and (node.get("jupyter_data") or node.get("data")):
+                count += 1
+            stack.extend(node.get("children", []) or [])
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
 def chapters_missing_from_toc(root: Path, toc: list[str]) -> list[str]:
     listed = {os.path.normpath(f) for f in toc}
     chapters = sorted(
@@ -141,33 +248,166 @@ def execution_env(env: dict, scratch: Path) -> dict:
     return env
 
 
+# Every process a build starts carries this variable (with a fresh id) in its environment, so it
+# can be found after its parent died or it moved to a session of its own: jupyter_client starts
+# each kernel in a new session, out of reach of the build's process group.
+BUILD_ID_VAR = "LSGM_EDU_BUILD_ID"
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, ppid, pgid, sid) of a process from /proc, None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[3])
+
+
+def build_processes(build_id: str, root_pid: int | None = None) -> list[int]:
+    """Live processes of a build: those whose environment carries `build_id`, and (while
+    `root_pid` is known) its descendants and the members of its process group and session."""
+    if not os.path.isdir("/proc"):
+        return []
+    marker = f"{BUILD_ID_VAR}={build_id}".encode()
+    table: dict[int, tuple[str, int, int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (st := _proc_stat(int(entry))) is not None:
+            table[int(entry)] = st
+    found: set[int] = set()
+    for pid, (state, _ppid, pgid, sid) in table.items():
+        if state in "ZX" or pid == os.getpid():
+            continue
+        if root_pid is not None and root_pid in (pid, pgid, sid):
+            found.add(pid)
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            found.add(pid)
+    if root_pid is not None:  # descendants that left the group and dropped the variable
+        grew = True
+        while grew:
+            more = {pid for pid, st in table.items()
+                    if st[1] in found | {root_pid} and st[0] not in "ZX"} - found
+            found |= more - {os.getpid()}
+            grew = bool(more)
+    return sorted(found)
+
+
+def end_build(proc: subprocess.Popen | None, build_id: str, grace: float = 5.0) -> list[int]:
+    """End every process of a build: SIGTERM (a Jupyter server then stops its kernels), SIGKILL
+    whatever is left after `grace` seconds, until none is found. Returns the pids it signalled."""
+    root = proc.pid if proc is not None else None
+    signalled: set[int] = set()
+    if not os.path.isdir("/proc"):  # no way to list processes: the process group is all we know
+        if root is not None:
+            kill_group(root, signal.SIGTERM)
+        return []
+    for attempt in range(6):
+        pids = build_processes(build_id, root)
+        if not pids:
+            break
+        sig = signal.SIGTERM if attempt == 0 else signal.SIGKILL
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                signalled.add(pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + (grace if attempt == 0 else 5.0)
+        while time.monotonic() < deadline:
+            if proc is not None:
+                proc.poll()  # reap our own child, or it stays a zombie
+            if not any(_alive(pid) for pid in pids):
+                break
+            time.sleep(0.1)
+    if proc is not None:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    return sorted(signalled)
+
+
+def _alive(pid: int) -> bool:
+    st = _proc_stat(pid)
+    return st is not None and st[0] not in "ZX"
+
+
+def start_watchdog(build_id: str) -> subprocess.Popen | None:
+    """A helper that ends the build's processes once this process is gone, however it ends
+    (even SIGKILL, e.g. from a caller's timeout): it waits for EOF on a pipe only we hold."""
+    if not os.path.isdir("/proc"):
+        return None
+    code = (f"import sys; sys.path.insert(0, {str(TOOLS)!r}); import check_book; "
+            f"sys.stdin.buffer.read(); check_book.end_build(None, {build_id!r})")
+    env = {k: v for k, v in os.environ.items() if k != BUILD_ID_VAR}
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+
+
+def run_supervised(cmd: list[str], cwd: Path, env: dict, timeout: float | None = None,
+                   capture: bool = True) -> tuple[int, str]:
+    """Run a build so that none of its processes outlives it, on every way out: normal exit,
+    timeout (exit status 124), an exception, Ctrl-C or SIGTERM/SIGHUP to this process (the
+    exception propagates after the cleanup) and, through a watchdog, SIGKILL.
+
+    mystmd leaves the Jupyter server it starts for --execute running after the build, and that
+    server starts each kernel in a session of its own; so the build runs in a new session and
+    every process tagged with this build's id is ended afterwards (end_build)."""
+    build_id = uuid.uuid4().hex
+    env = dict(env, **{BUILD_ID_VAR: build_id})
+    watchdog = start_watchdog(build_id)
+    proc = None
+    previous = {}
+
+    def raise_exit(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, raise_exit)
+    try:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.STDOUT if capture else None,
+            text=True, encoding="utf-8", errors="replace", start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+            return proc.returncode, out or ""
+        except subprocess.TimeoutExpired:
+            end_build(proc, build_id)
+            out, _ = proc.communicate()
+            return 124, (out or "") + f"\n{ERROR_MARK} build timed out after {timeout:.0f} s"
+    finally:
+        end_build(proc, build_id)
+        if watchdog is not None:
+            watchdog.stdin.close()  # nothing left for it to do
+            try:
+                watchdog.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                watchdog.kill()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_build(work: Path, timeout: float, execute: bool = False) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "jupyter_book", "build", "--site", "--strict"]
     env = dict(os.environ, NO_COLOR="1", FORCE_COLOR="0")
     if execute:
         cmd.append("--execute")
         env = execution_env(env, work / ".scratch")
-    # Its own process group: mystmd leaves the Jupyter server it starts for --execute running
-    # after the build, so the whole group is ended afterwards.
-    proc = subprocess.Popen(
-        cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace",
-        start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        kill_group(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        rc = 124
-        out = (out or "") + f"\n{ERROR_MARK} build timed out after {timeout:.0f} s"
-    finally:
-        kill_group(proc.pid, signal.SIGTERM)
-    return rc, ANSI.sub("", out or "")
+    rc, out = run_supervised(cmd, work, env, timeout)
+    return rc, ANSI.sub("", out)
 
 
 def kill_group(pgid: int, sig: int) -> None:
-    """Signal every process left in the build's process group (SIGKILL after 10 s)."""
+    """Signal every process left in a process group (SIGKILL after 10 s)."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
@@ -212,6 +452,24 @@ def collect(log: str, mark: str) -> list[str]:
     return located + [b for b in bare if not b.startswith("Site has ")]
 
 
+def missing_outputs(content: Path, toc: list[str]) -> list[str]:
+    """Chapters with code cells whose built page shows no output at all."""
+    problems = []
+    pages = {}
+    for page in content.glob("*.json"):
+        data = json.loads(page.read_text(encoding="utf-8"))
+        pages[str(data.get("location", "")).lstrip("/")] = data
+    for rel in toc:
+        if not re.match(r"^\d\d_", Path(rel).name):
+            continue
+        data = pages.get(rel)
+        if data is None:
+            problems.append(f"{rel}: no page was built for it")
+        elif data.get("kind") == "Notebook" and rendered_outputs(data) == 0:
+            problems.append(f"{rel}: the built page shows no code-cell output")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=TOOLS.parent,
@@ -221,11 +479,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--execute", action="store_true",
                         help="also execute the notebooks as the website build does (slower; "
                              "set LSGM_EDU_FAST=1 for fast mode); a cell that raises fails")
+    parser.add_argument("--outputs", type=Path, default=None, metavar="DIR",
+                        help="build the chapters with the stored outputs of DIR/<chapter>.ipynb "
+                             "(executed notebooks, as the notebook tests write them to "
+                             ".build/executed) instead of executing them again")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds (default 900)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print the full build log")
     args = parser.parse_args(argv)
+    if args.execute and args.outputs:
+        parser.error("--execute and --outputs exclude each other")
     root = args.root.resolve()
+    try:
+        return check(root, args)
+    except KeyboardInterrupt:
+        print("check_book: interrupted; the build's processes were ended", file=sys.stderr)
+        return 130
 
+
+def check(root: Path, args: argparse.Namespace) -> int:
     start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="check_book_"))
     try:
@@ -238,7 +509,17 @@ def main(argv: list[str] | None = None) -> int:
         for f in toc:
             if not (root / f).is_file():
                 problems.append(f"myst.yml: toc lists {f}, which does not exist")
+        problems += chapters_missing_from_index(root, toc)
 
+        if args.outputs is not None:
+            unusable = attach_outputs(root, work, config, args.outputs.resolve())
+            if unusable:  # building without the outputs would prove nothing
+                problems += unusable
+                print(f"\nBook check FAILED ({len(problems)} problem(s)):", file=sys.stderr)
+                for p in problems:
+                    print(f"  - {p}", file=sys.stderr)
+                return 1
+            toc = toc_files(config.get("project", {}).get("toc", []))
         rc, log = run_build(work, args.timeout, execute=args.execute)
         if args.verbose:
             print(log)
@@ -260,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         built = {p.stem for p in content.glob("*.json")} if content.is_dir() else set()
         if rc == 0 and not built:
             problems.append("the build wrote no page content (_build/site/content is empty)")
+        if rc == 0 and (args.outputs is not None or args.execute):
+            problems += missing_outputs(content, toc)
 
         elapsed = time.monotonic() - start
         for w in warnings:

@@ -37,12 +37,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 import install_lab_settings
+from check_book import BUILD_ID_VAR, end_build, start_watchdog
 
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
@@ -93,6 +95,10 @@ class LabServer:
         self.log_path = log_path
         self.fast = fast
         self.proc: subprocess.Popen | None = None
+        # every process of this server (kernels included: they run in sessions of their own)
+        # carries the id, so stop() ends them all; the watchdog does it if we are killed
+        self.build_id = uuid.uuid4().hex
+        self.watchdog: subprocess.Popen | None = None
 
     @property
     def base(self) -> str:
@@ -111,6 +117,7 @@ class LabServer:
             JUPYTERLAB_SETTINGS_DIR=str(settings),
             JUPYTERLAB_WORKSPACES_DIR=str(self.tmp / "workspaces"),
             PYDEVD_DISABLE_FILE_VALIDATION="1",
+            **{BUILD_ID_VAR: self.build_id},
         )
         if self.fast:
             env["LSGM_EDU_FAST"] = "1"
@@ -124,6 +131,7 @@ class LabServer:
         if hasattr(os, "getuid") and os.getuid() == 0:
             cmd.append("--allow-root")
         self.log = open(self.log_path, "w")  # noqa: SIM115 - open for the server's lifetime
+        self.watchdog = start_watchdog(self.build_id)
         self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
@@ -169,12 +177,14 @@ class LabServer:
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        if self.proc is not None:
-            # kernels run in the server's process group; make sure none is left behind
+        # whatever is left: the process group, and kernels in sessions of their own
+        end_build(self.proc, self.build_id)
+        if self.watchdog is not None:
+            self.watchdog.stdin.close()
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+                self.watchdog.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.watchdog.kill()
         if getattr(self, "log", None):
             self.log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -462,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1440)
     parser.add_argument("--height", type=int, default=1000)
     args = parser.parse_args(argv)
+
+    # SIGTERM (e.g. a test harness's timeout) unwinds through the `finally` that stops the server
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
 
     chapters = [c.resolve() for c in args.chapters]
     missing = [str(c) for c in chapters if not c.is_file()]

@@ -4,20 +4,34 @@
 name in this folder (or a path), applies `section.key=value` overrides (values parsed as YAML),
 and returns a `Config`. An unknown key, a value of the wrong type or an impossible combination
 raises `ConfigError` naming the key, so nothing is trained with a typo.
+
+Sections that are parts name them: `sde: {name: vp, beta_min: 0.1, beta_max: 20.0, N: 1000}`
+picks `lsgm_edu.sde.VPSDE` from `lsgm_edu.registry.SDES` and its keys are checked against the
+constructor's own signature; `model: {name: unet, arch: ddpmpp, ...}` is a `UNetConfig`. To
+switch a part, replace the whole section: `--set 'sde={name: ve, sigma_max: 50.0}'`.
+
+Configs of the first format (`sde.name: vpsde | subvpsde | vesde` with `sde.eps` and
+`sde.sampling_eps`, `model.name: ddpmpp | ncsnpp`), as in checkpoints written before the
+registries, are converted with a `LegacyConfigWarning` that shows what changed; `python -m
+lsgm_edu configs --convert OLD.yaml` prints the new form.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from lsgm_edu.nets.unet import UNetConfig
+from lsgm_edu.registry import MODELS, SDES, Registry, UnknownName
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -26,18 +40,13 @@ class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or contradicts another key."""
 
 
-@dataclass
-class SDEConfig:
-    """The forward SDE (Song et al. 2021, eqs. 9 and 11) and the training time range [eps, T]."""
+class LegacyConfigWarning(UserWarning):
+    """A config of the first format was converted; the message shows the new form."""
 
-    name: str = "vpsde"  # vpsde | subvpsde | vesde
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-    sigma_min: float = 0.01
-    sigma_max: float = 50.0
-    N: int = 1000  # discretisation used by reverse-diffusion sampling
-    eps: float = 1e-5  # smallest training time
-    sampling_eps: float = 1e-3  # where samplers stop (Song et al. 2021, App. C)
+
+def part(registry: Registry, default: str):
+    """A section that names its part: `{name: ..., **parameters}` of an entry of `registry`."""
+    return field(default_factory=registry[default].params, metadata={"registry": registry})
 
 
 @dataclass
@@ -57,6 +66,7 @@ class TrainConfig:
 
     n_iters: int = 1_300_000
     batch_size: int = 128  # global batch, split over DDP ranks
+    eps: float = 1e-5  # smallest diffusion time in training and likelihood (Song et al. 2021)
     lr: float = 2e-4
     beta1: float = 0.9
     beta2: float = 0.999
@@ -82,6 +92,7 @@ class TrainConfig:
 @dataclass
 class SamplingConfig:
     method: str = "pc"  # pc | em | ode
+    eps: float = 1e-3  # where samplers stop (Song et al. 2021, App. C: 1e-3 VP, 1e-5 VE)
     steps: int = 1000
     snr: float = 0.16
     n_corrector: int = 1
@@ -97,20 +108,33 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    """An experiment. `model` and `sde` are the parameter dataclasses of registered parts
+    (`MODELS.name_of(cfg.model)`, `SDES.build(cfg.sde)`)."""
+
     name: str = "unnamed"
-    model: UNetConfig = field(default_factory=UNetConfig)
-    sde: SDEConfig = field(default_factory=SDEConfig)
+    model: Any = part(MODELS, "unet")  # noqa: RUF009 (a field); a UNetConfig for 'unet'
+    sde: Any = part(SDES, "vp")  # noqa: RUF009
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Nested plain data, as in the YAML files: each part's section starts with its name."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            registry = f.metadata.get("registry")
+            if registry is not None:
+                out[f.name] = {"name": registry.name_of(value), **dataclasses.asdict(value)}
+            elif dataclasses.is_dataclass(value):
+                out[f.name] = dataclasses.asdict(value)
+            else:
+                out[f.name] = value
+        return out
 
 
 _CHOICES = {
-    "sde.name": ("vpsde", "subvpsde", "vesde"),
     "train.precision": ("auto", "bf16", "fp32"),
     "sampling.method": ("pc", "em", "ode"),
 }
@@ -167,31 +191,66 @@ def _coerce(value, tp, key: str):
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")
 
 
-def _build(cls, data, prefix: str):
+def _build(cls, data, prefix: str, what: str = ""):
     """Instantiate dataclass `cls` from a mapping, rejecting unknown keys by name."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{full}'{hint}")
+            raise ConfigError(f"unknown config key '{full}'{hint}{what}")
+        registry = fields[key].metadata.get("registry")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if registry is not None:
+            kwargs[key] = _build_part(registry, value, full)
+        elif dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, full)
         else:
             kwargs[key] = _coerce(value, tp, full)
+    missing = [k for k, f in fields.items() if k not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix or 'config'}: missing required key(s) {', '.join(missing)}{what}")
     try:
         return cls(**kwargs)
-    except ValueError as e:  # the dataclass's own checks (e.g. UNetConfig.validate)
+    except ValueError as e:  # the class's own checks (UNetConfig.validate, the SDE constructor)
         msg = str(e).replace(f"{cls.__name__}.", f"{prefix}." if prefix else "")
-        raise ConfigError(msg) from None
+        raise ConfigError(f"{prefix}: {msg}" if prefix and not msg.startswith(prefix) else msg) \
+            from None
+
+
+def _build_part(registry: Registry, data, prefix: str):
+    """A section `{name: ..., **params}`: the named entry's parameter dataclass, checked."""
+    if not isinstance(data, dict) or "name" not in data:
+        raise ConfigError(f"{prefix}: expected a mapping with a 'name' (one of "
+                          f"{', '.join(registry.names())}), got {data!r}")
+    params = dict(data)
+    name = params.pop("name")
+    try:
+        entry = registry[name]
+    except UnknownName as e:
+        raise ConfigError(f"{prefix}.name: {e}") from None
+    try:
+        obj = _build(entry.params, params, prefix, f"; {name!r} is {entry.signature}")
+    except ConfigError as e:
+        if str(e).startswith("unknown config key") and "did you mean" not in str(e):
+            raise ConfigError(f"{e}. To switch the {registry.kind}, replace the whole section, "
+                              f"e.g. --set '{prefix}={{name: {name}}}'") from None
+        raise
+    try:  # build it once: the constructor's own value checks run before any compute
+        if registry is SDES:
+            registry.build(obj)
+    except ValueError as e:
+        raise ConfigError(f"{prefix}: {e}") from None
+    return obj
 
 
 def _set_override(tree: dict, item: str) -> None:
@@ -252,16 +311,65 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
     if t.warmup < 0 or t.grad_clip < 0 or t.sample_grid < 0:
         raise ConfigError("train.warmup, train.grad_clip and train.sample_grid must be >= 0")
-    if not 0.0 < cfg.sde.eps < 1.0 or not 0.0 < cfg.sde.sampling_eps < 1.0:
-        raise ConfigError("sde.eps and sde.sampling_eps must be in (0, 1)")
+    if not 0.0 < t.eps < 1.0 or not 0.0 < cfg.sampling.eps < 1.0:
+        raise ConfigError("train.eps and sampling.eps must be in (0, 1)")
     if cfg.model.num_classes and cfg.data.dataset in ("celebahq256",):
         raise ConfigError(f"model.num_classes={cfg.model.num_classes}: {cfg.data.dataset} has no labels")
     return cfg
 
 
-def config_from_dict(tree: dict, name: str = "unnamed") -> Config:
-    """Build and validate a `Config` from a nested mapping (as read from YAML)."""
-    tree = dict(tree)
+_LEGACY_SDES = {"vpsde": "vp", "subvpsde": "subvp", "vesde": "ve"}
+_LEGACY_ARCHS = ("ddpmpp", "ncsnpp")
+
+
+def convert_legacy(tree: dict) -> tuple[dict, list[str]]:
+    """(tree in the current format, what changed) for a config of the first format.
+
+    First format: `sde: {name: vpsde|subvpsde|vesde, beta_min, beta_max, sigma_min, sigma_max,
+    N, eps, sampling_eps}` (every SDE's keys, the unused ones ignored) and `model: {name:
+    ddpmpp|ncsnpp, ...}`. Now: `sde: {name: vp|subvp|ve, <that constructor's arguments>}`,
+    `train.eps`, `sampling.eps`, and `model: {name: unet, arch: ddpmpp|ncsnpp, ...}`.
+    """
+    tree, notes = copy.deepcopy(tree), []
+    sde = tree.get("sde")
+    if isinstance(sde, dict):
+        for old, section in (("eps", "train"), ("sampling_eps", "sampling")):
+            if old in sde:
+                value = sde.pop(old)
+                target = tree.setdefault(section, {}) or {}
+                tree[section] = target
+                if isinstance(target, dict):
+                    target.setdefault("eps", value)
+                notes.append(f"sde.{old} -> {section}.eps")
+        if sde.get("name") in _LEGACY_SDES:
+            new = _LEGACY_SDES[sde["name"]]
+            keep = {f.name for f in dataclasses.fields(SDES[new].params)}
+            dropped = sorted(k for k in sde if k not in keep and k != "name")
+            tree["sde"] = {"name": new, **{k: v for k, v in sde.items() if k in keep}}
+            notes.append(f"sde.name {sde['name']} -> {new}"
+                         + (f" (dropped {', '.join(dropped)}: {new} does not use them)"
+                            if dropped else ""))
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("name") in _LEGACY_ARCHS:
+        arch = model.pop("name")
+        tree["model"] = {"name": "unet", **model, "arch": arch}
+        notes.append(f"model.name {arch} -> model.name unet, model.arch {arch}")
+    return tree, notes
+
+
+def config_from_dict(tree: dict, name: str = "unnamed", *, source: str = "config") -> Config:
+    """Build and validate a `Config` from a nested mapping (as read from YAML).
+
+    A first-format tree is converted (`convert_legacy`) with a `LegacyConfigWarning`.
+    """
+    tree, notes = convert_legacy(dict(tree))
+    if notes:
+        new = yaml.safe_dump({k: tree[k] for k in ("model", "sde", "train", "sampling")
+                              if k in tree}, sort_keys=False, default_flow_style=None)
+        warnings.warn(LegacyConfigWarning(
+            f"{source} is in the first config format; converted ({'; '.join(notes)}). Write it "
+            f"in the current format (python -m lsgm_edu configs --convert FILE):\n{new}"),
+            stacklevel=3)
     tree.setdefault("name", name)
     return validate(_build(Config, tree, ""))
 
@@ -280,10 +388,11 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides or []:
         _set_override(tree, item)
-    return config_from_dict(tree, name=path.stem)
+    return config_from_dict(tree, name=path.stem, source=str(path))
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "EvalConfig", "SDEConfig", "SamplingConfig",
-    "TrainConfig", "available_configs", "config_from_dict", "load_config", "validate",
+    "Config", "ConfigError", "DataConfig", "EvalConfig", "LegacyConfigWarning", "SamplingConfig",
+    "TrainConfig", "UNetConfig", "available_configs", "config_from_dict", "convert_legacy",
+    "load_config", "validate",
 ]

@@ -1,18 +1,19 @@
 """Score networks and the wrappers that choose their parameterization."""
 
-from .classifier import DigitClassifier
-from .mlp import EpsToScore, GaussianFourierProjection, ScoreMLP
-from .precond import ScoreModel, noise_label
+from .classifier import DigitClassifier, train_digit_classifier
+from .mlp import EpsToScore, GaussianFourierProjection, NoiseConditionalClassifier, ScoreMLP
+from .precond import ScoreModel
 from .unet import UNet, UNetConfig, build_model
 
 __all__ = [
     "DigitClassifier",
     "EpsToScore",
     "GaussianFourierProjection",
+    "NoiseConditionalClassifier",
     "ScoreMLP",
     "ScoreModel",
     "UNet",
     "UNetConfig",
     "build_model",
-    "noise_label",
+    "train_digit_classifier",
 ]

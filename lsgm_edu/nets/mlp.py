@@ -13,10 +13,10 @@ from torch import nn
 
 from ..utils import append_dims
 
-__all__ = ["EpsToScore", "GaussianFourierProjection", "ScoreMLP"]
+__all__ = ["EpsToScore", "GaussianFourierProjection", "NoiseConditionalClassifier", "ScoreMLP"]
 
 
-def _as_generator(generator) -> torch.Generator:
+def as_generator(generator) -> torch.Generator:
     """A CPU generator from a torch.Generator, an int seed, or None (seed 0)."""
     if isinstance(generator, torch.Generator):
         return generator
@@ -68,7 +68,7 @@ class GaussianFourierProjection(nn.Module):
         if not scale > 0:
             raise ValueError(f"GaussianFourierProjection: scale must be > 0, got {scale!r}")
         self.dim, self.scale = dim, float(scale)
-        w = torch.randn(dim // 2, generator=_as_generator(generator)) * self.scale
+        w = torch.randn(dim // 2, generator=as_generator(generator)) * self.scale
         self.register_buffer("W", w)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,7 @@ class ScoreMLP(nn.Module):
         for name, v in (("dim", dim), ("hidden", hidden), ("depth", depth)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ScoreMLP: {name} must be an int >= 1, got {v!r}")
-        g = _as_generator(generator)
+        g = as_generator(generator)
         self.dim, self.hidden, self.depth = dim, hidden, depth
         self.time_embed = nn.Sequential(
             GaussianFourierProjection(fourier_dim, fourier_scale, generator=g),
@@ -136,6 +136,36 @@ class ScoreMLP(nn.Module):
         for layer, proj in zip(self.layers, self.time_proj):
             h = self.act(layer(h) + proj(emb))
         return self.out(h)
+
+
+class NoiseConditionalClassifier(ScoreMLP):
+    """Time-conditional MLP classifier: x [B, dim], t [B] -> logits [B, n_classes] of p_t(y | x).
+
+    ScoreMLP's trunk (Gaussian Fourier time features added to every hidden layer) with an
+    n_classes head. Trained with `noise_conditional_classifier_loss` on x_t ~ p_t(x_t | x0), it
+    estimates p_t(y | x_t) at every t, which guidance needs (Song et al. 2021, App. I.1).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_classes: int,
+        hidden: int = 128,
+        depth: int = 3,
+        fourier_dim: int = 64,
+        fourier_scale: float = 16.0,
+        *,
+        act: type[nn.Module] = nn.SiLU,
+        generator=None,
+    ):
+        if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
+            raise ValueError(
+                f"NoiseConditionalClassifier: n_classes must be an int >= 2, got {n_classes!r}"
+            )
+        g = as_generator(generator)
+        super().__init__(dim, hidden, depth, fourier_dim, fourier_scale, act=act, generator=g)
+        self.n_classes = n_classes
+        self.out = _linear(hidden, n_classes, g)
 
 
 class EpsToScore(nn.Module):

@@ -1,11 +1,13 @@
-"""Preconditioning: the wrapper that turns a raw network into a score model s(x, t).
+"""Preconditioning: the one ε-wrapper that turns a raw network into a score model s(z, t).
 
-The network predicts the noise, ε̂ = net(x_t, c(t), y), and the score is s(x, t) = -ε̂ / σ_t
-with σ_t the SDE's marginal std (Ho et al. 2020; Song et al. 2021, App. C). The network never
-sees t directly but a noise label c(t): 999·t for VP / sub-VP (the DDPM++ convention) and
-log σ(t) of the geometric noise scale for VE (NCSN++'s Fourier features of log σ). Trained with
-DSM and `SigmaSquaredWeighting`, the loss is 1/2 |ε̂ - z|^2 per sample, for every SDE. Data kept
-in [0, 1] (the reference's VE setting, `centered=False`) reach the network as 2x - 1, as the
+The network predicts the noise, ε̂ = net(z_t, c(t), y), and the score is the kernel score at
+that noise, s(z, t) = -L_t^{-T} ε̂: -ε̂ / σ_t for the scalar SDEs (Ho et al. 2020; Song et al.
+2021, App. C), and the Cholesky form in phase space (Dockhorn et al. 2022, eq. 14). The SDE
+supplies both the scale L_t (`sde.marginal_scale`) and the network's time input c(t)
+(`sde.noise_label`: 999·t for VP / sub-VP, log σ(t) for VE); the network never imports an SDE
+and never knows which parameterization it serves. Trained with DSM and
+`SigmaSquaredWeighting`, the loss is 1/2 |ε̂ - ε|^2 per sample, for every SDE. Data kept in
+[0, 1] (the reference's VE setting, `centered=False`) reach the network as 2x - 1, as the
 reference network does internally.
 """
 
@@ -14,30 +16,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lsgm_edu.sde import VESDE
-from lsgm_edu.utils import append_dims
+from lsgm_edu.kernel import eps_to_score
 
-
-def noise_label(sde, t: torch.Tensor) -> torch.Tensor:
-    """c(t): log σ(t) for VESDE (NCSN++), 999·t for VP and sub-VP (DDPM++)."""
-    if isinstance(sde, VESDE):
-        return torch.log(sde.noise_scale(t))
-    return 999.0 * t
+_TIME_INPUTS = ("noise_label", "t")
 
 
 class ScoreModel(nn.Module):
-    """s(x, t, y) = -net(x, c(t), y) / σ_t; `net` is the raw U-Net (or any (x, label, y) module)."""
+    """s(z, t, y) = -L_t^{-T} net(z, c(t), y): the ε-parameterized score of a raw network.
 
-    def __init__(self, net: nn.Module, sde, centered: bool = True):
+    `sde`: any SDE of `lsgm_edu.sde`. time_input="noise_label" feeds the network c(t) =
+    sde.noise_label(t) (the U-Nets); time_input="t" feeds t itself (the toy `ScoreMLP`, whose
+    Fourier features expect t in [0, 1]). `y` (class labels) is passed on only when given.
+    """
+
+    def __init__(self, net: nn.Module, sde, centered: bool = True, *,
+                 time_input: str = "noise_label"):
         super().__init__()
+        if time_input not in _TIME_INPUTS:
+            raise ValueError(f"ScoreModel: time_input must be one of {_TIME_INPUTS}, got "
+                             f"{time_input!r}")
         self.net = net
         self.sde = sde
         self.centered = centered
+        self.time_input = time_input
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The network's noise prediction ε̂(x_t, t)."""
-        return self.net(x if self.centered else 2 * x - 1, noise_label(self.sde, t), y)
+        """The network's noise prediction ε̂(z_t, t)."""
+        c = self.sde.noise_label(t) if self.time_input == "noise_label" else t
+        x_in = x if self.centered else 2 * x - 1
+        return self.net(x_in, c) if y is None else self.net(x_in, c, y)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
-        _, std = self.sde.marginal_prob(x, t)
-        return -self.eps(x, t, y) / append_dims(std, x.ndim).to(x.dtype)
+        t_scale = t.to(device=x.device, dtype=torch.promote_types(t.dtype, x.dtype))
+        return eps_to_score(self.eps(x, t, y), self.sde.marginal_scale(t_scale).to(x.dtype))

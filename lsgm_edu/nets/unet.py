@@ -35,12 +35,12 @@ from .layers import (
     linear,
     timestep_embedding,
 )
-from .mlp import GaussianFourierProjection, _as_generator
+from .mlp import GaussianFourierProjection, as_generator
 
 __all__ = ["UNet", "UNetConfig", "build_model"]
 
 _CHOICES = {
-    "name": ("ncsnpp", "ddpmpp"),
+    "arch": ("ncsnpp", "ddpmpp"),
     "resblock_type": ("biggan", "ddpm"),
     "progressive": ("none", "output_skip", "residual"),
     "progressive_input": ("none", "input_skip", "residual"),
@@ -66,7 +66,7 @@ class UNetConfig:
     as in the reference. `conv_size` is recorded, as in score_sde, where only 3 is implemented.
     """
 
-    name: str = "ncsnpp"
+    arch: str = "ncsnpp"  # a label (score_sde's model.name): the fields below set the architecture
     image_size: int = 32
     num_channels: int = 3
     nf: int = 128
@@ -190,7 +190,7 @@ class UNet(nn.Module):
             raise TypeError(f"UNet: config must be a UNetConfig, got {type(config).__name__}")
         # a private copy (validated again): later edits to the caller's config cannot desync the net
         self.config = cfg = dataclasses.replace(config)
-        g = _as_generator(generator)
+        g = as_generator(generator)
         # nn.Conv2d & co. draw their default init from global RNG; fork it, then re-draw from g.
         with torch.random.fork_rng(devices=[]):
             self._build(cfg, g)
@@ -398,8 +398,10 @@ class UNet(nn.Module):
 
 
 def build_model(config, *, generator=None) -> nn.Module:
-    """The network a model config names: "ncsnpp" or "ddpmpp" -> `UNet(config)`."""
-    name = getattr(config, "name", None)
-    if name in ("ncsnpp", "ddpmpp"):
-        return UNet(config, generator=generator)
-    raise ValueError(f"build_model: unknown model name {name!r}; known: 'ncsnpp', 'ddpmpp'")
+    """The network of a registered model config (`cfg.model`, e.g. a `UNetConfig` -> `UNet`)."""
+    from lsgm_edu.registry import MODELS, UnknownName  # the registry imports this module
+
+    try:
+        return MODELS.build(config, generator=generator)
+    except UnknownName as e:
+        raise ValueError(f"build_model: {e}") from None
