@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from tqdm.auto import trange
 
 from .checks import check_tensor, check_time
-from .nets.mlp import NoiseConditionalClassifier
 from .samplers import (
     PREDICTORS,
     check_pc_args,
@@ -34,7 +33,6 @@ from .sde import SDE
 from .utils import randn_like
 
 __all__ = [
-    "NoiseConditionalClassifier",
     "colorize",
     "conditional_score_fn",
     "decoupling_matrix",

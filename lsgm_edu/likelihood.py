@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import data
 from .checks import check_interval_eps
 from .samplers import check_ode_args, solve_probability_flow
 from .sde import SDE
@@ -297,21 +298,11 @@ def dequantize(
     data_range: tuple[float, float] = (-1.0, 1.0),
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Uniform dequantization y = low + (high - low)(x + u) / n_bins, u ~ U[0, 1) from `generator`.
+    """Uniform dequantization y = low + (high - low)(x + u) / n_bins, u ~ U[0, 1) from `generator`:
+    `lsgm_edu.data.dequantize` (its one home) with the model range (-1, 1) as default.
 
-    x_int: integers in {0, ..., n_bins - 1} (any integer dtype, or floats holding integers);
-    y fills [low, high) and bin x is the cube [low + w x, low + w (x + 1)), w = (high - low) /
-    n_bins. Use the same n_bins and data_range in `bits_per_dim`.
+    Bin x becomes the cube [low + w x, low + w (x + 1)), w = (high - low) / n_bins; use the same
+    n_bins and data_range in `bits_per_dim`.
     """
-    low, high = _check_bins("dequantize", n_bins, data_range)
-    if not isinstance(x_int, torch.Tensor) or x_int.dtype == torch.bool or x_int.is_complex():
-        raise ValueError("dequantize: x_int must be a tensor of integers")
-    if x_int.is_floating_point() and not bool(torch.all(x_int == torch.round(x_int))):
-        raise ValueError("dequantize: x_int holds non-integer values; pass the raw integer data")
-    if x_int.numel() and (int(x_int.min()) < 0 or int(x_int.max()) > n_bins - 1):
-        raise ValueError(
-            f"dequantize: x_int must lie in {{0, ..., {n_bins - 1}}}, got values in "
-            f"[{int(x_int.min())}, {int(x_int.max())}]"
-        )
-    u = torch.rand(x_int.shape, generator=generator, device=x_int.device, dtype=dtype)
-    return low + (high - low) * (x_int.to(dtype) + u) / n_bins
+    _check_bins("dequantize", n_bins, data_range)
+    return data.dequantize(x_int, n_bins, generator, data_range=data_range, dtype=dtype)

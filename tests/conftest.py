@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lsgm_edu.losses import SigmaSquaredWeighting, UniformTimeSampler, denoising_score_matching
-from lsgm_edu.nets import EpsToScore, ScoreMLP
+from lsgm_edu.nets import ScoreMLP, ScoreModel
 from lsgm_edu.sde import VPSDE
 from lsgm_edu.toy import GaussianMixture
 from lsgm_edu.toy_training import train_toy_score_model
@@ -35,7 +35,7 @@ def trained_toy_model():
             return denoising_score_matching(model, sde, x0, t, SigmaSquaredWeighting(), g)
 
         model, _ = train_toy_score_model(
-            EpsToScore(ScoreMLP(2, generator=0), sde),
+            ScoreModel(ScoreMLP(2, generator=0), sde, time_input="t"),
             loss_fn,
             gmm.sample,
             steps=1500,

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from lsgm_edu.controllable import (
-    NoiseConditionalClassifier,
     colorize,
     conditional_score_fn,
     decoupling_matrix,
@@ -23,6 +22,7 @@ from lsgm_edu.controllable import (
 )
 from lsgm_edu.losses import UniformTimeSampler
 from lsgm_edu.metrics import sliced_wasserstein_ratio
+from lsgm_edu.nets import NoiseConditionalClassifier
 from lsgm_edu.samplers import euler_maruyama
 from lsgm_edu.sde import VESDE, VPSDE
 from lsgm_edu.toy import GaussianMixture

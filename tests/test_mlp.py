@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lsgm_edu.losses import SigmaSquaredWeighting, denoising_score_matching
-from lsgm_edu.nets import EpsToScore, GaussianFourierProjection, ScoreMLP
+from lsgm_edu.nets import GaussianFourierProjection, ScoreMLP, ScoreModel
 from lsgm_edu.sde import VESDE, VPSDE
 
 
@@ -92,27 +92,26 @@ def test_score_mlp_rejects_bad_input():
 
 
 @pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=["VP", "VE"])
-def test_eps_to_score_divides_by_minus_the_marginal_std(sde):
+def test_eps_wrapper_divides_by_minus_the_marginal_std(sde):
     net = ScoreMLP(2, generator=1).double()
     x, t = inputs(dtype=torch.float64)
     _, std = sde.marginal_prob(x, t)
-    torch.testing.assert_close(
-        EpsToScore(net, sde)(x, t), -net(x, t) / std[:, None], rtol=0, atol=0
-    )
+    model = ScoreModel(net, sde, time_input="t")
+    torch.testing.assert_close(model(x, t), -net(x, t) / std[:, None], rtol=0, atol=0)
     if isinstance(sde, VPSDE):
         b = 0.1 * t + 0.5 * 19.9 * t**2
         expected = -net(x, t) / torch.sqrt(1 - torch.exp(-b))[:, None]
-        torch.testing.assert_close(EpsToScore(net, sde)(x, t), expected, rtol=1e-12, atol=0)
+        torch.testing.assert_close(model(x, t), expected, rtol=1e-12, atol=0)
     # the wrapper adds no parameters: the optimizer sees exactly the net's
-    assert list(EpsToScore(net, sde).parameters()) == list(net.parameters())
+    assert list(model.parameters()) == list(net.parameters())
 
 
-def test_eps_to_score_with_sigma_squared_dsm_is_the_epsilon_loss():
+def test_eps_wrapper_with_sigma_squared_dsm_is_the_epsilon_loss():
     sde, net = VPSDE(), ScoreMLP(2, generator=2)
     x0, t = inputs()
     z = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
     loss = denoising_score_matching(
-        EpsToScore(net, sde), sde, x0, t, SigmaSquaredWeighting(), noise=z
+        ScoreModel(net, sde, time_input="t"), sde, x0, t, SigmaSquaredWeighting(), noise=z
     )
     mean, std = sde.marginal_prob(x0, t)
     eps_hat = net(mean + std[:, None] * z, t)

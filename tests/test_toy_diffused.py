@@ -214,7 +214,7 @@ def test_bad_inputs_raise():
             fn(x, torch.zeros(4, dtype=torch.long))
         with pytest.raises(ValueError, match=r"D = 3"):
             fn(torch.zeros(4, 2), torch.zeros(4))
-    with pytest.raises(TypeError, match="sde must be a scalar linear SDE"):
+    with pytest.raises(TypeError, match="sde must be a linear SDE"):
         gmm.score_fn("vp")
-    with pytest.raises(TypeError, match="sde must be a scalar linear SDE"):
+    with pytest.raises(TypeError, match="sde must be a linear SDE"):
         gmm.log_prob_fn(None)

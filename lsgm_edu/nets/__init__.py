@@ -1,13 +1,12 @@
 """Score networks and the wrappers that choose their parameterization."""
 
 from .classifier import DigitClassifier, train_digit_classifier
-from .mlp import EpsToScore, GaussianFourierProjection, NoiseConditionalClassifier, ScoreMLP
+from .mlp import GaussianFourierProjection, NoiseConditionalClassifier, ScoreMLP
 from .precond import ScoreModel
 from .unet import UNet, UNetConfig, build_model
 
 __all__ = [
     "DigitClassifier",
-    "EpsToScore",
     "GaussianFourierProjection",
     "NoiseConditionalClassifier",
     "ScoreMLP",

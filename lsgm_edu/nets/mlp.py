@@ -1,4 +1,5 @@
-"""A time-conditional MLP for 2-D toys, its Gaussian Fourier time features, and the ε wrapper.
+"""A time-conditional MLP for 2-D toys, its Gaussian Fourier time features, and the noise-
+conditional classifier built on the same trunk.
 
 The network is raw: `ScoreMLP(x, t)` returns whatever it is trained to predict. What that is
 (a score, or the noise ε) is decided by a wrapper around it, as in EDM's preconditioning.
@@ -11,9 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..utils import append_dims
-
-__all__ = ["EpsToScore", "GaussianFourierProjection", "NoiseConditionalClassifier", "ScoreMLP"]
+__all__ = ["GaussianFourierProjection", "NoiseConditionalClassifier", "ScoreMLP", "as_generator"]
 
 
 def as_generator(generator) -> torch.Generator:
@@ -90,7 +89,7 @@ class ScoreMLP(nn.Module):
     t enters directly (no log): its Gaussian Fourier features (`fourier_dim`, `fourier_scale`)
     pass through a two-layer embedding MLP and are added to every hidden layer, h_{l+1} =
     act(W_l h_l + E_l(emb(t))), for `depth` hidden layers of width `hidden`. The output is raw:
-    wrap the net in `EpsToScore` to read it as ε. Initialization is deterministic: every weight
+    wrap the net in `ScoreModel(net, sde, time_input="t")` to read it as ε. Initialization is deterministic: every weight
     is drawn from `generator` (a torch.Generator, an int seed, or None for seed 0).
     """
 
@@ -166,21 +165,3 @@ class NoiseConditionalClassifier(ScoreMLP):
         super().__init__(dim, hidden, depth, fourier_dim, fourier_scale, act=act, generator=g)
         self.n_classes = n_classes
         self.out = _linear(hidden, n_classes, g)
-
-
-class EpsToScore(nn.Module):
-    """Score from a noise predictor: s(x, t) = -ε̂(x, t) / σ_t (Ho et al. 2020; Song et al. 2021).
-
-    ε̂ = net(x, t) estimates the noise z in x_t = α_t x0 + σ_t z, whose conditional score is
-    -z / σ_t; σ_t is `sde.marginal_prob`'s std. Trained with DSM and `SigmaSquaredWeighting`,
-    the loss is 1/2 |ε̂ - z|^2. The raw net never knows it serves this parameterization.
-    """
-
-    def __init__(self, net: nn.Module, sde):
-        super().__init__()
-        self.net = net
-        self.sde = sde
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        _, std = self.sde.marginal_prob(x, t)
-        return -self.net(x, t) / append_dims(std, x.ndim)
