@@ -102,6 +102,6 @@ class DSM:
 
     def __call__(self, models: dict, batch: Batch, generator: BatchGenerator):
         t = generator.draw(lambda n, g: self.t_sampler.sample(n, g, dtype=torch.float32))
-        z = generator.randn(*batch.x.shape[1:])
+        z = generator.randn(*self.sde.state_shape(batch.x.shape)[1:])  # noise on the state
         score_model = ScoreModel(models[self.model], self.sde, centered=self.centered)
         return self.loss(score_model, batch.x, t, z, batch.y), {}

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from lsgm_edu.nets.unet import UNet, UNetConfig
-from lsgm_edu.sde import VESDE, VPSDE, SubVPSDE
 
 __all__ = ["MODELS", "SDES", "Entry", "Registry", "UnknownName", "params_dataclass"]
 
@@ -70,9 +68,16 @@ class Entry:
 class Registry:
     """name -> `Entry` for one kind of part ('sde', 'model', ...)."""
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, home: str | None = None):
+        self.kind, self.home = kind, home
         self._entries: dict[str, Entry] = {}
+
+    @property
+    def entries(self) -> dict[str, Entry]:
+        """name -> Entry, after importing the module that registers this kind's parts."""
+        if self.home is not None:
+            importlib.import_module(self.home)
+        return self._entries
 
     def register(self, name: str, target: Callable, *, params: type | None = None,
                  build: Callable | None = None) -> Entry:
@@ -94,26 +99,26 @@ class Registry:
         return entry
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        return list(self.entries)
 
     def __contains__(self, name) -> bool:
-        return name in self._entries
+        return name in self.entries
 
     def __getitem__(self, name: str) -> Entry:
-        if name not in self._entries:
-            known = ", ".join(self._entries)
-            close = difflib.get_close_matches(str(name), list(self._entries), n=1)
+        if name not in self.entries:
+            known = ", ".join(self.entries)
+            close = difflib.get_close_matches(str(name), list(self.entries), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UnknownName(f"unknown {self.kind} {name!r}{hint}; known: {known}")
-        return self._entries[name]
+        return self.entries[name]
 
     def entry_of(self, params) -> Entry:
         """The entry whose parameter dataclass `params` is an instance of."""
-        for entry in self._entries.values():
+        for entry in self.entries.values():
             if type(params) is entry.params:
                 return entry
         raise UnknownName(f"{params!r} is not the config of a registered {self.kind}; "
-                          f"registered: {', '.join(self._entries)}")
+                          f"registered: {', '.join(self.entries)}")
 
     def name_of(self, params) -> str:
         return self.entry_of(params).name
@@ -123,11 +128,8 @@ class Registry:
         return self.entry_of(params).build(params, **extra)
 
 
-SDES = Registry("sde")
-SDES.register("vp", VPSDE)
-SDES.register("subvp", SubVPSDE)
-SDES.register("ve", VESDE)
-
-MODELS = Registry("model")
-MODELS.register("unet", UNet, params=UNetConfig,
-                build=lambda cfg, generator=None: UNet(cfg, generator=generator))
+# Filled by the modules that define the parts (a `register` line beside each class), imported
+# on first use: the registry itself imports nothing, so a network module can register itself
+# without importing an SDE.
+SDES = Registry("sde", home="lsgm_edu.sde")
+MODELS = Registry("model", home="lsgm_edu.nets")

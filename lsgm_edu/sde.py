@@ -26,6 +26,7 @@ import torch
 
 from lsgm_edu.checks import check_float, check_int, check_tensor, check_time
 from lsgm_edu.kernel import GaussianKernel, eps_to_score
+from lsgm_edu.registry import SDES
 from lsgm_edu.utils import append_dims, phase_apply, phase_block, phase_outer, randn
 
 __all__ = [
@@ -540,3 +541,8 @@ class LinearSDE(SDE):
         log_det = 2 * torch.log(torch.diagonal(root)).sum()
         return (-0.5 * white.pow(2).sum((1, 2))
                 - 0.5 * n_coords * (self.K * math.log(2 * math.pi) + log_det))
+
+
+SDES.register("vp", VPSDE)
+SDES.register("subvp", SubVPSDE)
+SDES.register("ve", VESDE)

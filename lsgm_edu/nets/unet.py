@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..registry import MODELS, UnknownName
 from .layers import (
     AttnBlock,
     Combine,
@@ -399,9 +400,11 @@ class UNet(nn.Module):
 
 def build_model(config, *, generator=None) -> nn.Module:
     """The network of a registered model config (`cfg.model`, e.g. a `UNetConfig` -> `UNet`)."""
-    from lsgm_edu.registry import MODELS, UnknownName  # the registry imports this module
-
     try:
         return MODELS.build(config, generator=generator)
     except UnknownName as e:
         raise ValueError(f"build_model: {e}") from None
+
+
+MODELS.register("unet", UNet, params=UNetConfig,
+                build=lambda cfg, generator=None: UNet(cfg, generator=generator))
