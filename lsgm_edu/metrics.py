@@ -850,6 +850,7 @@ def sliced_wasserstein_ratio(
     generator: torch.Generator | None = None,
     projection_seed: int = 0,
     return_parts: bool = False,
+    baseline: torch.Tensor | None = None,
 ):
     """SW2 of samples to fresh true samples, over the SW2 between two independent true samples.
 
@@ -862,7 +863,8 @@ def sliced_wasserstein_ratio(
     directions, seeded by `projection_seed`, so projection noise largely cancels in the ratio.
     SW2 is `sliced_wasserstein` (Rabin et al. 2011); draws come from `generator` only.
     Returns the ratio (float), or with `return_parts=True` the tuple (ratio, distances
-    [S * references], baseline distances [baseline_pairs]).
+    [S * references], baseline distances [baseline_pairs]). `baseline`: the baseline distances
+    of an earlier call at the same n (they depend on n only), to skip recomputing them.
     """
     fn = "sliced_wasserstein_ratio"
     for name, v in (("sets", sets), ("references", references), ("baseline_pairs", baseline_pairs)):
@@ -894,6 +896,9 @@ def sliced_wasserstein_ratio(
     distances = torch.stack(
         [swd(x, draw()) for x in samples.chunk(sets) for _ in range(references)]
     )
-    baselines = torch.stack([swd(draw(), draw()) for _ in range(baseline_pairs)])
+    if baseline is None:
+        baselines = torch.stack([swd(draw(), draw()) for _ in range(baseline_pairs)])
+    else:
+        baselines = torch.as_tensor(baseline, dtype=distances.dtype).reshape(-1)
     ratio = (distances.mean() / baselines.mean()).item()
     return (ratio, distances, baselines) if return_parts else ratio
