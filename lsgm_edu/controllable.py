@@ -131,6 +131,24 @@ def _check_classifier_loss_args(x0, y, t) -> None:
 # --- imputation -------------------------------------------------------------------------
 
 
+def _known_mask(fn: str, x_known, mask) -> torch.Tensor:
+    """Validate x_known [B, ...] and the 0/1 mask; returns the mask broadcast to x_known (bool)."""
+    if not isinstance(x_known, torch.Tensor) or not x_known.is_floating_point() or x_known.ndim < 2:
+        raise ValueError(f"{fn}: x_known must be a floating-point tensor [B, ...]")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{fn}: mask must be a tensor (1 = known) broadcastable to x_known")
+    try:
+        known = torch.broadcast_to(mask.to(x_known.device).bool(), x_known.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{fn}: mask of shape {tuple(mask.shape)} does not broadcast to x_known's shape "
+            f"{tuple(x_known.shape)}"
+        ) from None
+    if mask.dtype != torch.bool and not bool(torch.all((mask == 0) | (mask == 1))):
+        raise ValueError(f"{fn}: mask must hold only 0 (unknown) and 1 (known)")
+    return known
+
+
 @torch.no_grad()
 def inpaint(
     sde: SDE,
@@ -158,19 +176,7 @@ def inpaint(
     `predictor_corrector`. Returns [B, ...] with the known coordinates equal to x_known.
     """
     fn = "inpaint"
-    if not isinstance(x_known, torch.Tensor) or not x_known.is_floating_point() or x_known.ndim < 2:
-        raise ValueError(f"{fn}: x_known must be a floating-point tensor [B, ...]")
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{fn}: mask must be a tensor (1 = known) broadcastable to x_known")
-    try:
-        known = torch.broadcast_to(mask.to(x_known.device).bool(), x_known.shape)
-    except RuntimeError:
-        raise ValueError(
-            f"{fn}: mask of shape {tuple(mask.shape)} does not broadcast to x_known's shape "
-            f"{tuple(x_known.shape)}"
-        ) from None
-    if mask.dtype != torch.bool and not bool(torch.all((mask == 0) | (mask == 1))):
-        raise ValueError(f"{fn}: mask must hold only 0 (unknown) and 1 (known)")
+    known = _known_mask(fn, x_known, mask)
     steps, eps = check_pc_args(fn, sde, steps, snr, n_corrector, predictor, eps)
 
     def diffused_known(x: torch.Tensor, t: torch.Tensor):

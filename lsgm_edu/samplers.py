@@ -514,6 +514,27 @@ def probability_flow(
     return (x, nfe) if return_nfe else x
 
 
+def _check_annealed_args(fn: str, sigmas, n_steps_each, step_lr) -> tuple[int, torch.Tensor]:
+    """Validate annealed Langevin's arguments; returns (n_steps_each, sigmas as float64 [L])."""
+    n_steps_each = _check_steps(fn, n_steps_each, "n_steps_each")
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    if (
+        len(sigmas) < 1
+        or not bool(torch.all(sigmas > 0))
+        or not bool(torch.all(sigmas[1:] < sigmas[:-1]))
+    ):
+        raise ValueError(
+            f"{fn}: sigmas must be positive and strictly decreasing, got {sigmas.tolist()}"
+        )
+    if (
+        isinstance(step_lr, bool)
+        or not isinstance(step_lr, (int, float))
+        or not 0 < step_lr < math.inf
+    ):
+        raise ValueError(f"{fn}: step_lr must be a finite float > 0, got {step_lr!r}")
+    return n_steps_each, sigmas
+
+
 @torch.no_grad()
 def annealed_langevin(
     score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -539,22 +560,7 @@ def annealed_langevin(
     {"i", "sigma", "x", "x_mean"}, i counting all steps; denoise=True returns the last x_mean.
     """
     fn = "annealed_langevin"
-    n_steps_each = _check_steps(fn, n_steps_each, "n_steps_each")
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-    if (
-        len(sigmas) < 1
-        or not bool(torch.all(sigmas > 0))
-        or not bool(torch.all(sigmas[1:] < sigmas[:-1]))
-    ):
-        raise ValueError(
-            f"{fn}: sigmas must be positive and strictly decreasing, got {sigmas.tolist()}"
-        )
-    if (
-        isinstance(step_lr, bool)
-        or not isinstance(step_lr, (int, float))
-        or not 0 < step_lr < math.inf
-    ):
-        raise ValueError(f"{fn}: step_lr must be a finite float > 0, got {step_lr!r}")
+    n_steps_each, sigmas = _check_annealed_args(fn, sigmas, n_steps_each, step_lr)
     if x0 is None:
         x = sigmas[0].item() * randn(check_shape(fn, shape), generator, device=device, dtype=dtype)
     elif not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.ndim < 1:
