@@ -110,16 +110,20 @@ class SDE(abc.ABC):
 
     def marginal_scale(self, t: torch.Tensor) -> torch.Tensor:
         """L(t): Cholesky factor [B, K, K] (float64) of Cov(z_t | x0) = A C A^T + Sigma(0, t)."""
+        return self._kernel_moments(t)[1]
+
+    def _kernel_moments(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A(0, t) and the Cholesky factor L(t), from one call of `transition`."""
         A, Sigma = self.transition(torch.zeros_like(t), t)
         A, Sigma = phase_block(A).double(), phase_block(Sigma).double()
         cov = A @ self.lift_covariance.to(A.device) @ A.mT + Sigma
         L, info = torch.linalg.cholesky_ex(cov)
         if bool((info > 0).any()):
             raise ValueError(
-                f"{type(self).__name__}.marginal_scale: the kernel covariance is singular at some "
+                f"{type(self).__name__}: the kernel covariance is singular at some "
                 f"t (t = 0, where z_0 given x0 is degenerate?); evaluate at t >= eps > 0"
             )
-        return L
+        return A, L
 
     def embed(self, x0: torch.Tensor) -> torch.Tensor:
         """The state (x0, 0, ..., 0): data in the first phase component, zeros elsewhere."""
@@ -128,8 +132,8 @@ class SDE(abc.ABC):
     def kernel(self, x0: torch.Tensor, t: torch.Tensor) -> GaussianKernel:
         """p_t(z | x0) = N(A(0, t) (x0, 0), L L^T) for data x0 [B, C, ...] (m0 integrated out)."""
         t = _check_x_t(x0, t, f"{type(self).__name__}.kernel")
-        A, _ = self.transition(torch.zeros_like(t), t)
-        return GaussianKernel(phase_apply(A, self.embed(x0)), self.marginal_scale(t))
+        A, L = self._kernel_moments(t)
+        return GaussianKernel(phase_apply(A, self.embed(x0)), L)
 
     def lift(self, x0: torch.Tensor, generator=None) -> torch.Tensor:
         """A draw of z0 given data x0: (x0, m0) with m0 from the lift covariance (K = 1: x0)."""
