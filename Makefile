@@ -47,10 +47,11 @@ lab: notebooks
 # Chapters run as notebooks under nbval in fast mode, once each: per-notebook times go to
 # $(BUILD)/notebook-durations.md, and each chapter whose cells all passed is saved with its
 # outputs to $(BUILD)/executed/ (root conftest.py). The book tests marked `after_notebooks`
-# run after the notebooks: the website check renders those saved outputs
-# (tools/check_book.py --outputs) instead of executing the chapters again, and the JupyterLab
-# browser run (which does run each chapter again, in the UI) gets timeouts scaled to the
-# chapter times just measured, so a busy machine slows the checks instead of failing them.
+# run after the notebooks and use those saved outputs instead of executing the chapters again:
+# the website check renders them (tools/check_book.py --outputs), and the browser check (one
+# JupyterLab, one headless Chromium, tools/screenshot_book.py) opens every chapter as a notebook
+# and renders it with them; only chapter 1 is run again, in the UI (Run All), with a timeout
+# scaled to its time just measured, so a busy machine slows the check instead of failing it.
 # pytest exits non-zero when it collects nothing.
 test: $(STAMP)
 	$(BIN)/ruff check lsgm_edu tests tools benchmarks conftest.py
@@ -67,7 +68,10 @@ test: $(STAMP)
 check-book: $(STAMP)
 	$(PY) tools/check_book.py
 
-# Each chapter opened in JupyterLab, run, and screenshotted in headless Chromium.
+# Each chapter opened in JupyterLab, run there (Run All) and screenshotted in headless Chromium
+# (one server for all) into $(BUILD)/screenshots/. To render the outputs `make test` saved
+# instead of running the chapters again:
+#   $(PY) tools/screenshot_book.py --fast --outputs $(BUILD)/executed $(CHAPTERS)
 screenshots: $(STAMP)
 	LSGM_EDU_FAST=1 $(PY) tools/screenshot_book.py --fast $(CHAPTERS)
 

@@ -1,23 +1,36 @@
 #!/usr/bin/env python3
-"""Open a chapter in JupyterLab in headless Chromium, run it, check it renders, screenshot it.
+"""Open chapters in JupyterLab in headless Chromium, check they render, screenshot them.
 
-    python tools/screenshot_book.py                       # chapter 1 into .build/screenshots
-    python tools/screenshot_book.py book/02_x.md --outdir DIR --timeout 300 --fast
+    python tools/screenshot_book.py                    # chapter 1, run in the UI
+    python tools/screenshot_book.py book/[0-9]*.md --fast          # every chapter, each run
+    python tools/screenshot_book.py book/[0-9]*.md --fast --outputs .build/executed \
+        --run book/01_scores_and_langevin.md          # saved outputs; only chapter 1 is run
 
-For each chapter it starts `jupyter lab` on 127.0.0.1 (a free port, a random token, no browser,
-the repository as root folder, the JupyterLab settings of tools/jupyterlab installed), then:
+One `jupyter lab` serves all the chapters given (127.0.0.1, a free port, a random token, no
+browser, the repository as root folder, the JupyterLab settings of tools/jupyterlab installed)
+and one headless Chromium visits them in turn. For each chapter it
 
 (a) double-clicks the chapter in JupyterLab's file browser, checks it opened as a NOTEBOOK
     (not as a text file) with code cells, and saves `jupyterlab_chapterN_notebook.png`;
-(b) runs all cells from the Run menu, waits until every code cell has run and the kernel is
-    idle, then checks that no cell raised, that math is typeset, that MyST cross-references
-    and roles are resolved (no raw `[](#`, `{eq}`, `{math}`... left in the rendered markdown)
-    and that there is at least one image output, and saves the whole notebook as
+(b) renders the chapter with outputs, in one of two ways:
+    - run in the UI (every chapter by default; with --outputs, the chapters named by --run):
+      runs all cells from the Run menu, waits until every code cell has run and the kernel is
+      idle, and checks that the ipywidgets render;
+    - from its executed notebook (--outputs DIR: DIR/<stem>.ipynb, as the notebook tests save
+      them to .build/executed/): the chapter as jupytext reads it now, with those outputs
+      attached, is written to a temporary folder under the root and opened in JupyterLab;
+      nothing is executed. A missing or stale executed notebook (its code cells differ from
+      the chapter's) fails the chapter;
+    then checks that no cell raised, that math is typeset, that MyST cross-references and
+    roles are resolved (no raw `[](#`, `{eq}`, `{math}`... left in the rendered markdown) and
+    that there is at least one image output, and saves the whole notebook as
     `offline_chapterN_rendered_01.png`, `_02.png`, ... (one per screen, top to bottom).
 
-Nothing is written to the chapter: autosave is off and the file is checked unchanged. The
-server is always stopped (terminate, then kill). Exit status 0 when every check passed, 1
-otherwise, with the failed checks listed. Needs Chromium (Debian: `apt-get install chromium`).
+Nothing is written to the chapters: autosave is off and each file is checked unchanged. The
+server and every process it started (kernels included) are stopped at the end, also when this
+tool is interrupted or killed (a watchdog ends them). `--results FILE` writes each chapter's
+checks as JSON (the tests read it). Exit status 0 when every check passed, 1 otherwise, with
+the failed checks listed. Needs Chromium (Debian: `apt-get install chromium`).
 """
 
 from __future__ import annotations
@@ -52,10 +65,11 @@ CHROMIUM_ARGS = [
 ]
 
 # JupyterLab user settings for this run only (a temporary settings dir): never write to the
-# chapter, render every cell (no windowing, so the checks see the whole notebook), no news.
+# chapter, render every cell (no windowing, so the checks see the whole notebook), stop a
+# notebook's kernel when it is closed (one server visits every chapter), no news.
 USER_SETTINGS = {
     "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
-    "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
+    "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none", "kernelShutdown": True},
     "@jupyterlab/apputils-extension/notification": {"fetchNews": "false",
                                                     "checkForUpdates": False},
 }
@@ -126,6 +140,8 @@ class LabServer:
             f"--port={self.port}", f"--ServerApp.token={self.token}",
             f"--ServerApp.root_dir={self.root}", "--ServerApp.port_retries=0",
             "--LabApp.expose_app_in_browser=True",
+            # the executed copies (--outputs) are opened from a folder under .build
+            "--ContentsManager.allow_hidden=True",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         ]
         if hasattr(os, "getuid") and os.getuid() == 0:
@@ -269,23 +285,38 @@ COMMAND_JS = "(id) => { window.jupyterapp.commands.execute(id); return true; }"
 
 
 class Checks:
-    def __init__(self):
+    """The checks of one chapter, with the lines printed for it (the tests show them)."""
+
+    def __init__(self, mode: str = ""):
+        self.mode = mode  # "run" (run in the UI) or "outputs" (its executed notebook)
         self.failed: list[str] = []
         self.passed: list[str] = []
+        self.log: list[str] = []
+        self.screenshots: list[Path] = []
+        self.seconds = 0.0
+        self.done = False  # visited (whether or not the checks passed)
+
+    def say(self, line: str) -> None:
+        print(line, flush=True)
+        self.log.append(line)
 
     def check(self, ok: bool, what: str, detail: str = "") -> bool:
         (self.passed if ok else self.failed).append(what + (f" ({detail})" if detail else ""))
-        print(f"  [{'ok' if ok else 'FAIL'}] {what}" + (f": {detail}" if detail else ""),
-              flush=True)
+        self.say(f"  [{'ok' if ok else 'FAIL'}] {what}" + (f": {detail}" if detail else ""))
         return ok
 
+    def as_json(self) -> dict:
+        return {"mode": self.mode, "ok": not self.failed, "passed": self.passed,
+                "failed": self.failed, "seconds": round(self.seconds, 1),
+                "screenshots": [str(p) for p in self.screenshots], "log": self.log}
 
-def wait_for(page, predicate_js: str, timeout_s: float, poll_s: float = 1.0):
+
+def wait_for(page, predicate_js: str, timeout_s: float, poll_s: float = 1.0, arg=None):
     """Poll a JS predicate (returns a truthy value when done) until it holds or time runs out."""
     deadline = time.monotonic() + timeout_s
     value = None
     while time.monotonic() < deadline:
-        value = page.evaluate(predicate_js)
+        value = page.evaluate(predicate_js, arg)
         if value:
             return value
         time.sleep(poll_s)
@@ -322,31 +353,112 @@ def screenshot_notebook(page, outdir: Path, tag: str, max_shots: int) -> list[Pa
         scroller)
     step = max(200, int(geom["v"] * 0.9))
     n = min(max_shots, 1 + max(0, (geom["h"] - geom["v"] + step - 1) // step))
-    for old in outdir.glob(f"offline_{tag}_rendered*.png"):
-        old.unlink()
     shots = []
     for i in range(n):
         page.evaluate("([sel, y]) => { document.querySelector(sel).scrollTop = y; }",
                       [scroller, i * step])
-        time.sleep(0.6)
+        time.sleep(0.05)  # the screenshot waits for the next frame; everything is rendered
         path = outdir / f"offline_{tag}_rendered_{i + 1:02d}.png"
-        page.screenshot(path=str(path))
+        page.screenshot(path=str(path), caret="initial")
         shots.append(path)
     if geom["h"] > geom["v"] + (n - 1) * step:
         print(f"  note: notebook is taller than {max_shots} screens; later part not captured")
     return shots
 
 
-def run_chapter(page, server: LabServer, chapter: Path, outdir: Path, timeout: float,
-                max_shots: int) -> Checks:
-    checks = Checks()
+# The panel whose document is `path`, once it is the current one and loaded.
+PANEL_AT_JS = ("(path) => { const f = " + JS_PANEL + "; const r = f();"
+               " return r && r.path === path && r.ready ? r : null; }")
+
+# Show the file browser in `folder` (a page reused from the previous chapter has it hidden).
+FILE_BROWSER_JS = """
+async (folder) => {
+  const app = window.jupyterapp;
+  await app.commands.execute('filebrowser:go-to-path', {path: folder || '/'});
+  app.shell.activateById('filebrowser');
+  return true;
+}
+"""
+
+# Close every document (and stop its kernel); nothing is saved (autosave is off, and a closed
+# document is not written either).
+CLOSE_ALL_JS = """
+async () => {
+  const app = window.jupyterapp;
+  const widgets = Array.from(app.shell.widgets('main'));
+  for (const w of widgets) {
+    const sc = w.sessionContext || (w.context && w.context.sessionContext);
+    if (sc && sc.session) {
+      await Promise.race([sc.shutdown().catch(() => null),
+                          new Promise(r => setTimeout(r, 15000))]);
+    }
+    w.dispose();
+  }
+  return widgets.length;
+}
+"""
+
+# Rendering progress of the current notebook: markdown cells rendered by jupyterlab-myst,
+# image outputs in the model and images decoded on the page, typeset math elements.
+PROGRESS_JS = """
+() => {
+  const w = window.jupyterapp.shell.currentWidget;
+  const nb = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook');
+  if (!w || !w.content || !w.content.model || !nb) return null;
+  let images = 0;
+  for (const c of w.content.model.cells) {
+    if (c.type !== 'code') continue;
+    for (const o of c.outputs.toJSON()) {
+      if (o.data && ['image/png', 'image/jpeg', 'image/gif'].some(m => m in o.data)) images++;
+    }
+  }
+  const imgs = Array.from(nb.querySelectorAll('.jp-OutputArea .jp-RenderedImage img'));
+  const onScreen = Array.from(nb.querySelectorAll('.jp-MarkdownCell'))
+    .filter(c => c.getBoundingClientRect().top < window.innerHeight);
+  return {
+    markdown: nb.querySelectorAll('.jp-MarkdownCell').length,
+    rendered: nb.querySelectorAll('.jp-MarkdownCell.jp-mod-rendered .myst').length,
+    onScreen: onScreen.length,
+    onScreenRendered: onScreen.filter(c => c.querySelector('.myst')).length,
+    images, decoded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+    math: nb.querySelectorAll('mjx-container, .MathJax, .katex').length,
+  };
+}
+"""
+
+
+def wait_rendered(page, timeout_s: float, first_screen: bool = False) -> dict | None:
+    """Until every markdown cell is rendered (with `first_screen`, those on the first screen),
+    every image output decoded and the number of typeset math elements stopped changing (or
+    time runs out): the last progress seen."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        now = page.evaluate(PROGRESS_JS)
+        done = now and last and now == last and (
+            now["onScreenRendered"] >= now["onScreen"] if first_screen else
+            now["rendered"] >= now["markdown"] and now["decoded"] >= now["images"])
+        if done:
+            return now
+        last = now
+        time.sleep(0.5)
+    return last
+
+
+def open_by_double_click(page, server: LabServer, chapter: Path, checks: Checks) -> dict | None:
+    """(a): the chapter, double-clicked in the file browser, opens as a notebook with code
+    cells. Returns the panel's state, None when it did not open as a notebook."""
     rel = chapter.relative_to(server.root).as_posix()
-    tag = chapter_tag(chapter)
-    print(f"{rel}: opening in JupyterLab", flush=True)
-    # (a) a double-click in the file browser opens it as a notebook, with code cells
     folder = chapter.parent.relative_to(server.root).as_posix()
     folder = "" if folder == "." else folder
-    page.goto(f"{server.base}/lab/tree/{folder}?token={server.token}", wait_until="load")
+    if page.url.startswith(f"{server.base}/lab"):
+        try:  # the page of the previous chapter: JupyterLab is loaded already
+            page.evaluate(FILE_BROWSER_JS, folder)
+        except Exception:  # noqa: BLE001 - load the page again instead
+            page.goto(f"{server.base}/lab/tree/{folder}?token={server.token}",
+                      wait_until="load")
+    else:
+        page.goto(f"{server.base}/lab/tree/{folder}?token={server.token}", wait_until="load")
     page.wait_for_selector("#jp-main-dock-panel", timeout=60000)
     item = page.locator(".jp-DirListing-item", has_text=chapter.name).first
     try:
@@ -356,61 +468,23 @@ def run_chapter(page, server: LabServer, chapter: Path, outdir: Path, timeout: f
     except Exception:  # noqa: BLE001 - no file browser item: open by URL, as /lab/tree does
         page.goto(f"{server.base}/lab/tree/{rel}?token={server.token}", wait_until="load")
         how = "/lab/tree URL"
-    info = wait_for(page, "() => { const f = " + JS_PANEL + "; const r = f();"
-                    " return r && r.path && r.ready ? r : null; }",
-                    60)
-    opened = bool(info) and info.get("kind") == "notebook" and info.get("path") == rel
+    info = wait_for(page, PANEL_AT_JS, 60, poll_s=0.5, arg=rel)
+    opened = bool(info) and info.get("kind") == "notebook"
     checks.check(opened, f"opens as a notebook on {how} (Jupytext Notebook viewer)",
                  f"got {info.get('kind') if info else 'nothing'} for {rel}")
     if not opened:
-        page.screenshot(path=str(outdir / f"jupyterlab_{tag}_notebook.png"))
-        return checks
+        return None
     n_code = sum(c["type"] == "code" for c in info["cells"])
     checks.check(n_code > 0, "has code cells", f"{n_code} code, "
                  f"{sum(c['type'] == 'markdown' for c in info['cells'])} markdown")
-    # outputs saved in a paired .ipynb would make cells look executed already
-    stale = page.evaluate(
-        "() => { const w = window.jupyterapp.shell.currentWidget; let n = 0;"
-        " for (const c of w.content.model.cells) { if (c.type !== 'code') continue;"
-        "   if (c.executionCount !== null || c.outputs.length) n++;"
-        "   c.outputs.clear(); c.executionCount = null; }"
-        " return n; }")
-    if stale:
-        print(f"  cleared saved outputs of {stale} cell(s) (from a paired .ipynb)")
-    kernel = wait_for(page, "() => { const f = " + JS_PANEL + "; const r = f();"
-                      " return r && r.kernel === 'idle' ? r : null; }", 90)
-    checks.check(bool(kernel), "kernel started and idle",
-                 (kernel or {}).get("kernelName") or "no kernel")
-    page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell", timeout=30000)
-    time.sleep(2)  # let markdown/math finish typesetting
-    first = outdir / f"jupyterlab_{tag}_notebook.png"
-    page.screenshot(path=str(first))
-    print(f"  wrote {first}")
+    return info
 
-    # (b) run everything, wait for the kernel to finish
-    how = click_run_all(page)
-    print(f"  running all cells ({how}), timeout {timeout:.0f} s", flush=True)
-    t0 = time.monotonic()
-    done_js = ("() => { const f = " + JS_PANEL + "; const r = f(); if (!r || !r.cells) return null;"
-               " const code = r.cells.filter(c => c.type === 'code');"
-               " const errored = code.some(c => c.outputs.some(o => o.type === 'error'));"
-               " const all = code.every(c => c.count !== null && c.count !== undefined);"
-               " return ((all || errored) && r.kernel === 'idle') ? r : null; }")
-    time.sleep(2)
-    state = wait_for(page, done_js, timeout, poll_s=2.0)
-    elapsed = time.monotonic() - t0
-    if not state:
-        state = page.evaluate("() => { const f = " + JS_PANEL + "; return f(); }")
-    code = [c for c in (state or {}).get("cells", []) if c["type"] == "code"]
-    ran = sum(c["count"] is not None for c in code)
-    checks.check(bool(code) and ran == len(code), "every code cell ran",
-                 f"{ran}/{len(code)} in {elapsed:.0f} s"
-                 + ("" if state and state.get("kernel") == "idle" else ", kernel still busy"))
+
+def check_rendered(page, checks: Checks, code: list[dict], live_widgets: bool) -> None:
+    """The checks of (b) on the current notebook, `code` being its code cells' state."""
     errors = [f"code cell {i}: {o['ename']}: {o['evalue']}" for i, c in enumerate(code, 1)
               for o in c["outputs"] if o["type"] == "error"]
     checks.check(not errors, "no cell raised", "; ".join(errors)[:500])
-    time.sleep(3)  # late typesetting / image decoding
-
     render = page.evaluate(JS_RENDER) or {}
     checks.check(render.get("math", 0) > 0, "math is typeset (MathJax/KaTeX elements)",
                  f"{render.get('math', 0)} elements")
@@ -432,9 +506,8 @@ def run_chapter(page, server: LabServer, chapter: Path, outdir: Path, timeout: f
     checks.check(not unresolved, "cross-references resolve in JupyterLab",
                  "unresolved: " + ", ".join(unresolved)[:300] if unresolved else
                  f"{sum(a['href'].startswith('#') for a in render.get('links', []))} internal links")
-    widget_outputs = sum("application/vnd.jupyter.widget-view+json" in o["mimes"]
-                         for c in code for o in c["outputs"])
-    if widget_outputs:
+    widget_outputs = sum(WIDGET_MIME in o["mimes"] for c in code for o in c["outputs"])
+    if live_widgets and widget_outputs:
         widgets = render.get("widgets", [])
         broken = [w["text"] for w in widgets
                   if not w["rendered"] or re.search(r"Error displaying widget|Loading widget",
@@ -446,12 +519,209 @@ def run_chapter(page, server: LabServer, chapter: Path, outdir: Path, timeout: f
     checks.check(render.get("images", 0) > 0, "at least one image output",
                  f"{render.get('images', 0)} images")
 
+
+def take_screenshots(page, checks: Checks, outdir: Path, tag: str, max_shots: int) -> None:
     page.evaluate("() => { const s = window.jupyterapp.shell;"
                   " if (!s.leftCollapsed) s.collapseLeft(); return true; }")
-    time.sleep(1)
+    time.sleep(0.5)
     shots = screenshot_notebook(page, outdir, tag, max_shots)
-    print(f"  wrote {len(shots)} screenshot(s): {shots[0].name} ... {shots[-1].name}")
-    return checks
+    checks.screenshots += shots
+    checks.say(f"  wrote {len(shots)} screenshot(s): {shots[0].name} ... {shots[-1].name}")
+
+
+def run_in_ui(page, checks: Checks, info: dict, outdir: Path, tag: str, timeout: float,
+              max_shots: int) -> None:
+    """(a) then (b) for a chapter run in the UI: its panel is open (`info`)."""
+    # outputs saved in a paired .ipynb would make cells look executed already
+    stale = page.evaluate(
+        "() => { const w = window.jupyterapp.shell.currentWidget; let n = 0;"
+        " for (const c of w.content.model.cells) { if (c.type !== 'code') continue;"
+        "   if (c.executionCount !== null || c.outputs.length) n++;"
+        "   c.outputs.clear(); c.executionCount = null; }"
+        " return n; }")
+    if stale:
+        checks.say(f"  cleared saved outputs of {stale} cell(s) (from a paired .ipynb)")
+    kernel = wait_for(page, "() => { const f = " + JS_PANEL + "; const r = f();"
+                      " return r && r.kernel === 'idle' ? r : null; }", 90)
+    checks.check(bool(kernel), "kernel started and idle",
+                 (kernel or {}).get("kernelName") or "no kernel")
+    page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell", timeout=30000)
+    wait_rendered(page, 30)
+    first = outdir / f"jupyterlab_{tag}_notebook.png"
+    page.screenshot(path=str(first))
+    checks.screenshots.append(first)
+    checks.say(f"  wrote {first}")
+
+    how = click_run_all(page)
+    checks.say(f"  running all cells ({how}), timeout {timeout:.0f} s")
+    t0 = time.monotonic()
+    done_js = ("() => { const f = " + JS_PANEL + "; const r = f(); if (!r || !r.cells) return null;"
+               " const code = r.cells.filter(c => c.type === 'code');"
+               " const errored = code.some(c => c.outputs.some(o => o.type === 'error'));"
+               " const all = code.every(c => c.count !== null && c.count !== undefined);"
+               " return ((all || errored) && r.kernel === 'idle') ? r : null; }")
+    time.sleep(2)
+    state = wait_for(page, done_js, timeout, poll_s=2.0)
+    elapsed = time.monotonic() - t0
+    if not state:
+        state = page.evaluate("() => { const f = " + JS_PANEL + "; return f(); }")
+    code = [c for c in (state or {}).get("cells", []) if c["type"] == "code"]
+    ran = sum(c["count"] is not None for c in code)
+    checks.check(bool(code) and ran == len(code), "every code cell ran",
+                 f"{ran}/{len(code)} in {elapsed:.0f} s"
+                 + ("" if state and state.get("kernel") == "idle" else ", kernel still busy"))
+    time.sleep(1)  # late widget views
+    wait_rendered(page, 30)  # late typesetting / image decoding
+    check_rendered(page, checks, code, live_widgets=True)
+    take_screenshots(page, checks, outdir, tag, max_shots)
+
+
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def executed_copy(chapter: Path, outputs: Path, dest: Path) -> tuple[Path | None, str]:
+    """The chapter as jupytext reads it now with the outputs of `outputs/<stem>.ipynb`
+    attached, written to `dest/<stem>.ipynb` beside links to the chapter's folders (images/),
+    so that relative links resolve. Returns (path, "") or (None, why there is none)."""
+    import jupytext
+    import nbformat
+
+    stored_path = outputs / f"{chapter.stem}.ipynb"
+    if not stored_path.is_file():
+        return None, (f"no executed notebook {stored_path} (the chapter's notebook test did "
+                      "not run in this session, or one of its cells failed)")
+    nb = jupytext.read(chapter)
+    stored = nbformat.read(stored_path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    ran = [c for c in stored.cells if c.cell_type == "code"]
+    if [c.source for c in code] != [c.source for c in ran]:
+        return None, (f"the outputs in {stored_path} are stale (its code cells differ from "
+                      "the chapter's); run the chapter again")
+    for cell, done in zip(code, ran):
+        cell.outputs = done.get("outputs", [])
+        cell.execution_count = done.get("execution_count")
+        for out in cell.outputs:
+            if out.get("output_type") == "execute_result":  # its prompt: Out[n], as run
+                out["execution_count"] = cell.execution_count
+            # No widget state is saved with the outputs (there is no kernel to ask for it):
+            # show what a static view shows, the text fallback, not "model not found".
+            data = out.get("data", {})
+            if WIDGET_MIME in data and len(data) > 1:
+                del data[WIDGET_MIME]
+    nb.metadata.pop("jupytext", None)  # a plain notebook, not paired with anything
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in chapter.parent.iterdir():
+        if entry.is_dir() and not entry.name.startswith(".") and not (dest / entry.name).exists():
+            (dest / entry.name).symlink_to(entry, target_is_directory=True)
+    path = dest / f"{chapter.stem}.ipynb"
+    nbformat.write(nb, path)
+    return path, ""
+
+
+def render_outputs(page, server: LabServer, checks: Checks, copy: Path, outdir: Path, tag: str,
+                   max_shots: int) -> None:
+    """(b) for a chapter with an executed copy: open it, check it, screenshot it."""
+    rel = copy.relative_to(server.root).as_posix()
+    page.evaluate("(path) => { window.jupyterapp.commands.execute('docmanager:open',"
+                  " {path, factory: 'Notebook'}); return true; }", rel)
+    info = wait_for(page, PANEL_AT_JS, 60, poll_s=0.5, arg=rel)
+    if not checks.check(bool(info) and info.get("kind") == "notebook",
+                        "its executed notebook opens in JupyterLab",
+                        f"{rel}: {info.get('kind') if info else 'nothing'}"):
+        return
+    page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell", timeout=30000)
+    progress = wait_rendered(page, 60) or {}
+    checks.say(f"  rendered {progress.get('rendered')}/{progress.get('markdown')} markdown "
+               f"cells, {progress.get('decoded')}/{progress.get('images')} image outputs")
+    state = page.evaluate("() => { const f = " + JS_PANEL + "; return f(); }") or {}
+    code = [c for c in state.get("cells", []) if c["type"] == "code"]
+    check_rendered(page, checks, code, live_widgets=False)
+    take_screenshots(page, checks, outdir, tag, max_shots)
+
+
+def visit_chapter(page, server: LabServer, chapter: Path, checks: Checks, copy: Path | None,
+                  outdir: Path, timeout: float, max_shots: int) -> None:
+    tag = chapter_tag(chapter)
+    for old in outdir.glob(f"offline_{tag}_rendered*.png"):
+        old.unlink()
+    checks.say(f"{chapter.relative_to(server.root).as_posix()}: opening in JupyterLab"
+               + (" (outputs from its executed notebook)" if checks.mode == "outputs" else
+                  " (to run it)"))
+    info = open_by_double_click(page, server, chapter, checks)
+    if info is None:
+        page.screenshot(path=str(outdir / f"jupyterlab_{tag}_notebook.png"))
+        return
+    if checks.mode == "run":
+        run_in_ui(page, checks, info, outdir, tag, timeout, max_shots)
+        return
+    page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell", timeout=30000)
+    wait_rendered(page, 30, first_screen=True)
+    first = outdir / f"jupyterlab_{tag}_notebook.png"
+    page.screenshot(path=str(first))
+    checks.screenshots.append(first)
+    checks.say(f"  wrote {first}")
+    page.evaluate(CLOSE_ALL_JS)
+    if copy is not None:
+        render_outputs(page, server, checks, copy, outdir, tag, max_shots)
+
+
+class BrowserPages:
+    """One headless Chromium for every chapter; one page, kept from chapter to chapter (a
+    JupyterLab load is seconds) and replaced after a chapter that went wrong."""
+
+    def __init__(self, pw, chromium: str, viewport: dict):
+        self.browser = pw.chromium.launch(executable_path=chromium, headless=True,
+                                          args=CHROMIUM_ARGS)
+        self.viewport = viewport
+        self.context = None
+        self.page = None
+        self.errors: list[str] = []
+
+    def get(self):
+        if self.page is None:
+            self.context = self.browser.new_context(viewport=self.viewport)
+            self.page = self.context.new_page()
+            self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        return self.page
+
+    def discard(self) -> None:
+        if self.context is not None:
+            try:
+                self.context.close()
+            except Exception as err:  # noqa: BLE001 - a broken context: the browser ends it
+                print(f"  (could not close the browser context: {err})")
+        self.context = self.page = None
+
+    def close(self) -> None:
+        self.discard()
+        self.browser.close()
+
+
+COPIES_PREFIX = "screenshot_book_"
+
+
+def remove_stale_copies(folder: Path) -> None:
+    """Folders of executed copies left by runs that were killed (named after their pid)."""
+    for old in folder.glob(f"{COPIES_PREFIX}*_*"):
+        try:
+            os.kill(int(old.name[len(COPIES_PREFIX):].split("_")[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
+def write_results(path: Path | None, results: dict[Path, Checks], root: Path,
+                  error: str = "") -> None:
+    if path is None:
+        return
+    record = {"error": error, "chapters": {
+        c.relative_to(root).as_posix(): checks.as_json() for c, checks in results.items()
+        if checks.done}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,6 +733,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=None,
                         help="JupyterLab root folder (default: the repository, or the "
                              "chapter's parent's parent when it lies outside it)")
+    parser.add_argument("--outputs", type=Path, default=None, metavar="DIR",
+                        help="render each chapter with the outputs of DIR/<stem>.ipynb (as "
+                             "the notebook tests save them in .build/executed) instead of "
+                             "running it in the UI; a chapter without one fails")
+    parser.add_argument("--run", type=Path, action="append", default=[], metavar="CHAPTER",
+                        help="with --outputs: run this chapter in the UI all the same "
+                             "(repeatable; it needs no executed notebook)")
+    parser.add_argument("--results", type=Path, default=None, metavar="FILE",
+                        help="write each chapter's checks, screenshots and log here as JSON")
     parser.add_argument("--timeout", type=float, default=240.0,
                         help="seconds allowed for running all cells of one chapter")
     parser.add_argument("--fast", action="store_true",
@@ -478,9 +757,14 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
 
     chapters = [c.resolve() for c in args.chapters]
-    missing = [str(c) for c in chapters if not c.is_file()]
+    to_run = {c.resolve() for c in args.run}
+    missing = [str(c) for c in chapters + sorted(to_run) if not c.is_file()]
     if missing:
         print(f"screenshot_book: no such chapter: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    if to_run - set(chapters):
+        print(f"screenshot_book: --run names chapters not given: "
+              f"{', '.join(str(c) for c in sorted(to_run - set(chapters)))}", file=sys.stderr)
         return 2
     root = (args.root or (REPO if all(REPO in c.parents for c in chapters)
                           else chapters[0].parent.parent)).resolve()
@@ -505,44 +789,66 @@ def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import sync_playwright
 
     digests = {c: hashlib.sha256(c.read_bytes()).hexdigest() for c in chapters}
+    results: dict[Path, Checks] = {
+        c: Checks("outputs" if args.outputs is not None and c not in to_run else "run")
+        for c in chapters}
+    # the executed copies: under the root, for JupyterLab to open them
+    copies_dir = None
+    if any(checks.mode == "outputs" for checks in results.values()):
+        remove_stale_copies(root / ".build")
+        (root / ".build").mkdir(exist_ok=True)
+        copies_dir = Path(tempfile.mkdtemp(prefix=f"{COPIES_PREFIX}{os.getpid()}_",
+                                           dir=root / ".build"))
     server = LabServer(root, outdir / "jupyterlab_server.log", fast=args.fast)
-    results: dict[Path, Checks] = {}
     try:
         server.start()
         print(f"jupyter lab on {server.base} (root {root}, log {server.log_path})", flush=True)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, headless=True,
-                                         args=CHROMIUM_ARGS)
+            pages = BrowserPages(pw, chromium, {"width": args.width, "height": args.height})
             try:
                 for chapter in chapters:
-                    context = browser.new_context(
-                        viewport={"width": args.width, "height": args.height})
-                    page = context.new_page()
-                    console_errors: list[str] = []
-                    page.on("pageerror", lambda e, sink=console_errors: sink.append(str(e)))
+                    checks = results[chapter]
+                    t0 = time.monotonic()
+                    copy = None
+                    if checks.mode == "outputs":
+                        folder = copies_dir / chapter.parent.relative_to(root)
+                        copy, problem = executed_copy(chapter, args.outputs.resolve(), folder)
+                        checks.check(copy is not None, "has an executed notebook to render",
+                                     problem or str(copy.relative_to(root)))
+                    pages.errors.clear()
+                    page = pages.get()
                     try:
-                        results[chapter] = run_chapter(page, server, chapter, outdir,
-                                                       args.timeout, args.max_shots)
+                        visit_chapter(page, server, chapter, checks, copy, outdir,
+                                      args.timeout, args.max_shots)
+                        page.evaluate(CLOSE_ALL_JS)
                     except Exception as err:  # noqa: BLE001 - report, keep the evidence
                         shot = outdir / f"error_{chapter_tag(chapter)}.png"
                         try:
                             page.screenshot(path=str(shot))
                         except Exception as shot_err:  # noqa: BLE001
-                            print(f"  (no error screenshot: {shot_err})")
-                        results[chapter] = Checks()
-                        results[chapter].check(False, "the browser session finished",
-                                               f"{type(err).__name__}: {err}; see {shot}")
+                            checks.say(f"  (no error screenshot: {shot_err})")
+                        checks.check(False, "the browser session finished",
+                                     f"{type(err).__name__}: {err}; see {shot}")
+                        pages.discard()  # a fresh page for the next chapter
+                        server.shutdown_kernels()  # that page's kernels
                     finally:
-                        if console_errors:
-                            print(f"  page errors: {console_errors[:5]}")
-                        context.close()
+                        if pages.errors:
+                            checks.say(f"  page errors: {pages.errors[:5]}")
+                        checks.seconds = time.monotonic() - t0
+                        checks.done = True
+                        checks.say(f"  ({checks.seconds:.0f} s)")
+                        # as it goes: a caller that stops this run still finds what it did
+                        write_results(args.results, results, root)
             finally:
-                browser.close()
+                pages.close()
     except RuntimeError as err:
         print(f"screenshot_book: {err}", file=sys.stderr)
+        write_results(args.results, results, root, error=str(err))
         return 1
     finally:
         server.stop()
+        if copies_dir is not None:
+            shutil.rmtree(copies_dir, ignore_errors=True)
 
     ok = True
     for chapter, checks in results.items():
@@ -555,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  - {f}", file=sys.stderr)
         else:
             print(f"{chapter.name}: all {len(checks.passed)} checks passed")
+    write_results(args.results, results, root)
     print(f"screenshots in {outdir}")
     return 0 if ok else 1
 
