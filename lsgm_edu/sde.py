@@ -34,6 +34,7 @@ __all__ = [
     "VESDE",
     "VPSDE",
     "GaussianKernel",
+    "GeometricVPSDE",
     "LinearSDE",
     "ReverseSDE",
     "ScalarSDE",
@@ -136,9 +137,10 @@ class SDE(abc.ABC):
         return GaussianKernel(phase_apply(A, self.embed(x0)), L)
 
     def lift(self, x0: torch.Tensor, generator=None) -> torch.Tensor:
-        """A draw of z0 given data x0: (x0, m0) with m0 from the lift covariance (K = 1: x0)."""
-        if self.K == 1:
-            return x0
+        """A draw of z0 given data x0: (x0, m0) with m0 from the lift covariance (x0 itself when
+        the lift covariance is zero, as for VP / sub-VP / VE)."""
+        if not bool(self.lift_covariance.any()):
+            return self.embed(x0)
         C = self.lift_covariance.to(x0.device)
         w, V = torch.linalg.eigh(C)
         root = (V * w.clamp_min(0).sqrt()) @ V.mT
@@ -447,6 +449,73 @@ class VESDE(ScalarSDE):
         return torch.zeros_like(x), G.to(x.dtype)
 
 
+class GeometricVPSDE(ScalarSDE):
+    """LSGM's geometric VP SDE: dz = -1/2 g(t)^2 z dt + g(t) dW with a geometric variance
+    (Vahdat, Kreis & Kautz 2021, App. ("geometric VPSDE")).
+
+    With r = sigma2_max / sigma2_min the kernel variance is
+    var(t) = sigma2_min r^t - sigma2_min + sigma2_0, so var(0) = sigma2_0 and var(1) ~ sigma2_max;
+    the mean coefficient m_t obeys 1 - var(t) = (1 - sigma2_0) m_t^2, and
+    g(t)^2 = (d var / dt) / (1 - var(t)) = sigma2_min r^t log r / (1 - var(t)).
+    With sigma2_0 = sigma2_min (LSGM's NLL setting) var(t) = sigma2_min r^t is exactly geometric,
+    and the likelihood weight g^2 / (2 var) = log r / (2 (1 - var)) is nearly constant where
+    var is small. The state at t = 0 already carries variance sigma2_0 given the data:
+    `lift_covariance` is sigma2_0 and `transition(s, t)` is the SDE's own (A = m_t / m_s,
+    Sigma = 1 - A^2). Prior N(0, I); `discretize` is Euler-Maruyama.
+    """
+
+    def __init__(self, sigma2_min: float = 3e-5, sigma2_max: float = 0.999,
+                 sigma2_0: float = 3e-5, N: int = 1000):
+        super().__init__(N)
+        for key, value in (("sigma2_min", sigma2_min), ("sigma2_max", sigma2_max),
+                           ("sigma2_0", sigma2_0)):
+            check_float("GeometricVPSDE", key, value)
+        if not 0 < sigma2_min < sigma2_max < 1:
+            raise ValueError(
+                f"GeometricVPSDE: need 0 < sigma2_min < sigma2_max < 1, got sigma2_min="
+                f"{sigma2_min}, sigma2_max={sigma2_max} (LSGM: 3e-5 and 0.999)")
+        if not 0 <= sigma2_0 < 1 - sigma2_max + sigma2_min:
+            raise ValueError(
+                f"GeometricVPSDE: need 0 <= sigma2_0 < 1 - sigma2_max + sigma2_min so that "
+                f"var(1) < 1, got sigma2_0={sigma2_0} (LSGM: sigma2_0 = sigma2_min)")
+        self.sigma2_min, self.sigma2_max, self.sigma2_0 = sigma2_min, sigma2_max, sigma2_0
+        self._log_ratio = math.log(sigma2_max / sigma2_min)
+
+    def __repr__(self) -> str:
+        return (f"GeometricVPSDE(sigma2_min={self.sigma2_min}, sigma2_max={self.sigma2_max}, "
+                f"sigma2_0={self.sigma2_0}, N={self.N})")
+
+    def variance(self, t: torch.Tensor) -> torch.Tensor:
+        """var(t) = sigma2_min (r^t - 1) + sigma2_0 (LSGM's `var`)."""
+        check_time("GeometricVPSDE.variance", t)
+        return self.sigma2_min * torch.expm1(self._log_ratio * t) + self.sigma2_0
+
+    def inverse_variance(self, var: torch.Tensor) -> torch.Tensor:
+        """t with var(t) = var: log((var + sigma2_min - sigma2_0) / sigma2_min) / log r."""
+        return torch.log1p((var - self.sigma2_0) / self.sigma2_min) / self._log_ratio
+
+    @property
+    def lift_covariance(self) -> torch.Tensor:
+        return torch.full((1, 1), self.sigma2_0, dtype=torch.float64)
+
+    def sde_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f = -1/2 g^2, g^2 = sigma2_min r^t log r / (1 - var(t))."""
+        var = self.variance(t)
+        g2 = self.sigma2_min * torch.exp(self._log_ratio * t) * self._log_ratio / (1 - var)
+        return -0.5 * g2, _sqrt_clamped(g2)
+
+    def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """m_t = sqrt((1 - var) / (1 - sigma2_0)), sigma = sqrt(var(t)) (kernel from the data)."""
+        var = self.variance(t)
+        return torch.sqrt((1 - var) / (1 - self.sigma2_0)), _sqrt_clamped(var)
+
+    def transition(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A = m_t / m_s and Sigma = 1 - A^2, the SDE's transition (var(0) = sigma2_0 is the lift)."""
+        (m_s, _), (m_t, _) = map(self.marginal_coefficients, (s, t))
+        A = m_t / m_s
+        return A, (1 - A.pow(2)).clamp_min(0)
+
+
 class LinearSDE(SDE):
     """dz = beta F z dt + sqrt(beta) G dW with constant K x K blocks F, G acting on the phase
     components of z (the time-homogeneous case of the complete recipe, Pandey & Mandt 2023).
@@ -550,3 +619,4 @@ class LinearSDE(SDE):
 SDES.register("vp", VPSDE)
 SDES.register("subvp", SubVPSDE)
 SDES.register("ve", VESDE)
+SDES.register("geometric_vp", GeometricVPSDE)

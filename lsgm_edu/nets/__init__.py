@@ -2,12 +2,13 @@
 
 from .classifier import DigitClassifier, train_digit_classifier
 from .mlp import GaussianFourierProjection, NoiseConditionalClassifier, ScoreMLP
-from .precond import ScoreModel
+from .precond import MixedScore, ScoreModel
 from .unet import UNet, UNetConfig, build_model
 
 __all__ = [
     "DigitClassifier",
     "GaussianFourierProjection",
+    "MixedScore",
     "NoiseConditionalClassifier",
     "ScoreMLP",
     "ScoreModel",

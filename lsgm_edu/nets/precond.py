@@ -13,6 +13,8 @@ reference network does internally.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -49,3 +51,80 @@ class ScoreModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
         t_scale = t.to(device=x.device, dtype=torch.promote_types(t.dtype, x.dtype))
         return eps_to_score(self.eps(x, t, y), self.sde.marginal_scale(t_scale).to(x.dtype))
+
+
+class MixedScore(nn.Module):
+    """LSGM's mixed score: a Normal prior's noise plus a learned correction, per channel.
+
+    ε̂(z, t) = (1 - α) ⊙ ε_N(z, t) + α ⊙ net(z, c(t)), α = sigmoid(`mixing_logit`), one logit per
+    latent channel (Vahdat, Kreis & Kautz 2021, eq. 10). ε_N = σ_t z is the noise a standard
+    Normal prior predicts under a VP-type SDE (its score is -z), so with α = 0 the model *is*
+    the N(0, I) prior and the network only learns the departure from it. Calling the module
+    gives the score -ε̂ / σ_t (`eps_to_score`); `.eps(z, t)` gives ε̂. The network's time input
+    is c(t) = embedding_scale · t (LSGM: 1000 t). Channels switched off by `set_active` (LSGM's
+    inactive latent variables, KL <= 0.1 nat) get logit -15 and are zeroed at the network input.
+    """
+
+    INACTIVE_LOGIT = -15.0
+
+    def __init__(self, net: nn.Module, sde, channels: int, logit_init: float = -3.0, *,
+                 spatial: bool = True, embedding_scale: float = 1000.0):
+        super().__init__()
+        _check_mixed_args(channels, logit_init, embedding_scale)
+        self.net = net
+        self.sde = sde
+        self.embedding_scale = float(embedding_scale)
+        shape = (1, channels, 1, 1) if spatial else (1, channels)
+        self.mixing_logit = nn.Parameter(torch.full(shape, float(logit_init)))
+        self.register_buffer("is_active", torch.ones(shape))
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """α = sigmoid(mixing_logit), the weight of the network per channel."""
+        return torch.sigmoid(self.mixing_logit)
+
+    def normal_eps(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε_N = σ_t z, the noise a N(0, I) prior predicts under a VP-type SDE."""
+        return self._sigma(z, t) * z
+
+    def eps(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε̂ = (1 - α) ε_N + α net(z ⊙ active, c(t))."""
+        alpha, sigma, net_eps = self._parts(z, t)
+        return (1 - alpha) * sigma * z + alpha * net_eps
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The score -ε̂ / σ_t = -(1 - α) z - α net / σ_t (exactly -z where α = 0)."""
+        alpha, sigma, net_eps = self._parts(z, t)
+        return -(1 - alpha) * z - alpha * net_eps / sigma
+
+    def _parts(self, z: torch.Tensor, t: torch.Tensor):
+        net_eps = self.net(z * self.is_active.to(z.dtype), self.embedding_scale * t.to(z.dtype))
+        return self.alpha.to(z.dtype), self._sigma(z, t), net_eps
+
+    def _sigma(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t_scale = t.to(device=z.device, dtype=torch.promote_types(t.dtype, z.dtype))
+        sigma = self.sde.marginal_scale(t_scale).to(z.dtype)
+        return sigma.reshape(-1, *([1] * (z.ndim - 1)))
+
+    @torch.no_grad()
+    def set_active(self, active: torch.Tensor) -> None:
+        """Switch channels off (`active` False): logit -15 (α ≈ 3e-7) and zero network input."""
+        active = torch.as_tensor(active, dtype=torch.bool, device=self.mixing_logit.device)
+        if active.shape != (self.mixing_logit.shape[1],):
+            raise ValueError(f"MixedScore.set_active: need one flag per channel "
+                             f"({self.mixing_logit.shape[1]}), got shape {tuple(active.shape)}")
+        mask = active.to(self.is_active.dtype).reshape(self.is_active.shape)
+        self.is_active.copy_(mask)
+        self.mixing_logit.masked_fill_(~active.reshape(self.mixing_logit.shape),
+                                       self.INACTIVE_LOGIT)
+
+
+def _check_mixed_args(channels, logit_init, embedding_scale) -> None:
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"MixedScore: channels must be an int >= 1, got {channels!r}")
+    if not isinstance(logit_init, (int, float)) or math.isnan(logit_init) or logit_init == math.inf:
+        raise ValueError(f"MixedScore: logit_init must be a number < inf (-inf: the Normal prior "
+                         f"exactly), got {logit_init!r}")
+    if not isinstance(embedding_scale, (int, float)) or not math.isfinite(embedding_scale):
+        raise ValueError(f"MixedScore: embedding_scale must be a finite number, got "
+                         f"{embedding_scale!r}")

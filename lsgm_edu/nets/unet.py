@@ -86,6 +86,7 @@ class UNetConfig:
     init_scale: float = 0.0
     embedding_type: str = "fourier"
     fourier_scale: float = 16.0
+    embedding_dim: int = 0  # width of the time embedding before its MLP; 0: nf (score_sde), LSGM: 128
     conv_size: int = 3
     num_classes: int = 0
     checkpointing: bool = False
@@ -95,6 +96,11 @@ class UNetConfig:
             if isinstance(getattr(self, key), list):  # YAML gives lists
                 setattr(self, key, tuple(getattr(self, key)))
         self.validate()
+
+    @property
+    def time_embedding_dim(self) -> int:
+        """Width of the sinusoidal / Fourier time features; the conditioning vector is 4x this."""
+        return self.embedding_dim or self.nf
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -140,7 +146,9 @@ class UNetConfig:
             bad("fourier_scale", "must be a number > 0")
         if self.conv_size != 3:
             bad("conv_size", "only 3 is implemented (score_sde uses 3x3 convolutions throughout)")
-        if self.embedding_type == "positional" and self.nf < 4:
+        if self.embedding_dim < 0 or (self.embedding_dim and self.embedding_dim % 2):
+            bad("embedding_dim", "must be 0 (use nf) or an even number > 0")
+        if self.embedding_type == "positional" and self.time_embedding_dim < 4:
             bad("nf", "must be >= 4 for the positional embedding")
         for ch in self._norm_channels():
             groups = min(ch // 4, 32)
@@ -201,13 +209,14 @@ class UNet(nn.Module):
                 self.label_embed.weight.normal_(generator=g)
 
     def _build(self, cfg: UNetConfig, g: torch.Generator) -> None:
-        nf, temb_dim = cfg.nf, 4 * cfg.nf
+        nf, emb = cfg.nf, cfg.time_embedding_dim
+        temb_dim = 4 * emb
         if cfg.embedding_type == "fourier":
-            self.fourier = GaussianFourierProjection(2 * nf, cfg.fourier_scale, generator=g)
-            embed_dim = 2 * nf
+            self.fourier = GaussianFourierProjection(2 * emb, cfg.fourier_scale, generator=g)
+            embed_dim = 2 * emb
         else:
             self.fourier = None
-            embed_dim = nf
+            embed_dim = emb
         self.temb_dense0 = linear(embed_dim, temb_dim)
         self.temb_dense1 = linear(temb_dim, temb_dim)
         self.label_embed = nn.Embedding(cfg.num_classes, temb_dim) if cfg.num_classes else None
@@ -326,11 +335,12 @@ class UNet(nn.Module):
                              f"[{int(y.min())}, {int(y.max())}]")
 
     def time_embedding(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The [B, 4 nf] conditioning vector: embed(t) -> dense -> SiLU -> dense (+ label embedding)."""
+        """The [B, 4 embedding_dim] conditioning vector: embed(t) -> dense -> SiLU -> dense
+        (+ label embedding)."""
         if self.fourier is not None:
             emb = self.fourier(t.to(torch.float64 if t.dtype == torch.float64 else torch.float32))
         else:
-            emb = timestep_embedding(t, self.config.nf)
+            emb = timestep_embedding(t, self.config.time_embedding_dim)
         emb = emb.to(self.temb_dense0.weight.dtype)
         temb = self.temb_dense1(F.silu(self.temb_dense0(emb)))
         if self.label_embed is not None:
