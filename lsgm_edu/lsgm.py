@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -23,7 +24,15 @@ from lsgm_edu.checks import check_callable, check_like, check_tensor
 from lsgm_edu.sde import SDE
 from lsgm_edu.utils import randn_like
 
-__all__ = ["cross_entropy", "cross_entropy_constant", "likelihood_weight", "normal_entropy"]
+__all__ = [
+    "NELBO",
+    "cross_entropy",
+    "cross_entropy_at",
+    "cross_entropy_constant",
+    "likelihood_weight",
+    "nelbo",
+    "normal_entropy",
+]
 
 
 def likelihood_weight(sde: SDE, t: torch.Tensor) -> torch.Tensor:
@@ -60,8 +69,15 @@ def cross_entropy(
     cross-entropy with N(0, I), as in a plain VAE.
     """
     _check_cross_entropy_args(sde, eps_fn, mean, std, t_sampler)
-    z0 = mean + std * randn_like(mean, generator)
-    t = t_sampler.sample(mean.shape[0], generator, device=mean.device, dtype=mean.dtype)
+    return cross_entropy_at(sde, eps_fn, mean + std * randn_like(mean, generator), t_sampler,
+                            generator)
+
+
+def cross_entropy_at(sde: SDE, eps_fn, z0: torch.Tensor, t_sampler,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """The same estimate [B] at a given posterior sample z0 (any posterior, e.g. after
+    normalizing flows): weight(t) g^2/(2σ_t^2) ||ε̂(z_t, t) - ε||^2 + D/2 (1 + log 2π σ_eps^2)."""
+    t = t_sampler.sample(z0.shape[0], generator, device=z0.device, dtype=z0.dtype)
     noise = randn_like(z0, generator)
     z_t = sde.kernel(z0, t).sample(noise)
     squared_error = (eps_fn(z_t, t) - noise).pow(2).flatten(1).sum(1)
@@ -80,3 +96,28 @@ def _check_cross_entropy_args(sde, eps_fn, mean, std, t_sampler) -> None:
         if not callable(getattr(t_sampler, name, None)):
             raise TypeError(f"{fn}: t_sampler needs .sample(n, generator) and .weight(t) "
                             f"(see losses.time_sampler), got {t_sampler!r}")
+
+
+class NELBO(NamedTuple):
+    """Per-sample terms [B] of LSGM's bound -log p(x) <= recon + log q + CE (eq. 6)."""
+
+    total: torch.Tensor
+    reconstruction: torch.Tensor  # -log p(x | z)
+    log_q: torch.Tensor  # log q(z | x), all groups (flow log-dets included)
+    cross_entropy: torch.Tensor  # -log p(z): the score prior on the top scale + N(0, I) below
+
+
+def nelbo(vae, prior_eps: Callable, x: torch.Tensor, sde: SDE, t_sampler,
+          generator: torch.Generator | None = None) -> NELBO:
+    """LSGM's negative ELBO per sample: the VAE's reconstruction and log q, the score prior's
+    cross-entropy (`cross_entropy_at`) on the top-scale latent, and the N(0, I) cross-entropy
+    -log N(ε_j; 0, I) of the lower-scale groups, which keep the Normal prior (LSGM, eq. 6)."""
+    out = vae(x, generator)
+    top = vae.groups_per_scale[0]
+    z0 = vae.top_latent(out.eps[:top])
+    lower = [(0.5 * e.pow(2) + 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+             for e in out.eps[top:]]
+    ce = cross_entropy_at(sde, prior_eps, z0, t_sampler, generator) + sum(lower, torch.zeros(()))
+    recon = vae.reconstruction_loss(out, x)
+    log_q = torch.stack(out.log_q).sum(0)
+    return NELBO(recon + log_q + ce, recon, log_q, ce)
