@@ -16,22 +16,40 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
-from lsgm_edu.checks import check_callable, check_like, check_tensor
+from lsgm_edu.checks import check_callable, check_float, check_int, check_like, check_tensor
+from lsgm_edu.nets.precond import MixedScore
+from lsgm_edu.nets.unet import UNet, UNetConfig
+from lsgm_edu.registry import MODELS
 from lsgm_edu.sde import SDE
 from lsgm_edu.utils import randn_like
+from lsgm_edu.vae import NVAE, VAEConfig
 
 __all__ = [
     "NELBO",
+    "P_WEIGHTINGS",
+    "LSGMConfig",
+    "NLLBound",
+    "build_lsgm",
     "cross_entropy",
     "cross_entropy_at",
     "cross_entropy_constant",
+    "cross_entropy_from_error",
+    "denoising_error",
+    "eps_of",
     "likelihood_weight",
     "nelbo",
+    "nll_bound",
+    "norm_regularization",
+    "normal_cross_entropy",
     "normal_entropy",
+    "p_weight",
+    "sample_latent",
 ]
 
 
@@ -74,15 +92,48 @@ def cross_entropy(
 
 
 def cross_entropy_at(sde: SDE, eps_fn, z0: torch.Tensor, t_sampler,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, *, t: torch.Tensor | None = None,
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
     """The same estimate [B] at a given posterior sample z0 (any posterior, e.g. after
-    normalizing flows): weight(t) g^2/(2σ_t^2) ||ε̂(z_t, t) - ε||^2 + D/2 (1 + log 2π σ_eps^2)."""
-    t = t_sampler.sample(z0.shape[0], generator, device=z0.device, dtype=z0.dtype)
-    noise = randn_like(z0, generator)
+    normalizing flows): weight(t) g^2/(2σ_t^2) ||ε̂(z_t, t) - ε||^2 + D/2 (1 + log 2π σ_eps^2).
+    t ~ t_sampler and ε ~ N(0, I) come from `generator`, or are given (`t`, `noise`)."""
+    if t is None:
+        t = t_sampler.sample(z0.shape[0], generator, device=z0.device, dtype=z0.dtype)
+    noise = randn_like(z0, generator) if noise is None else noise
+    error = denoising_error(sde, eps_fn, z0, t, noise)
+    return cross_entropy_from_error(sde, t_sampler, t, error, z0[0].numel())
+
+
+def eps_of(score_model, sde: SDE):
+    """ε̂(z, t) = -σ_t s(z, t): the noise prediction of a score model, through its forward
+    (a DistributedDataParallel wrapper synchronizes gradients only there)."""
+
+    def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = sde.marginal_scale(t.to(device=z.device)).to(z.dtype)
+        return -sigma.reshape(-1, *([1] * (z.ndim - 1))) * score_model(z, t)
+
+    return eps_fn
+
+
+def denoising_error(sde: SDE, eps_fn, z0: torch.Tensor, t: torch.Tensor,
+                    noise: torch.Tensor) -> torch.Tensor:
+    """||ε̂(z_t, t) - ε||^2 per sample [B] (float32 or wider), z_t = m_t z0 + σ_t ε."""
     z_t = sde.kernel(z0, t).sample(noise)
-    squared_error = (eps_fn(z_t, t) - noise).pow(2).flatten(1).sum(1)
-    weight = t_sampler.weight(t) * likelihood_weight(sde, t)
-    return weight * squared_error + cross_entropy_constant(sde, t_sampler.eps, z0[0].numel())
+    return (eps_fn(z_t, t) - noise).float().pow(2).flatten(1).sum(1)
+
+
+def cross_entropy_from_error(sde: SDE, t_sampler, t: torch.Tensor, error: torch.Tensor,
+                             dims: int) -> torch.Tensor:
+    """The cross-entropy estimate [B] from the denoising error at t ~ t_sampler (LSGM, eq. 8)."""
+    weight = (t_sampler.weight(t) * likelihood_weight(sde, t)).to(error.dtype)
+    return weight * error + cross_entropy_constant(sde, t_sampler.eps, dims)
+
+
+def normal_cross_entropy(groups) -> torch.Tensor:
+    """-log N(ε_j; 0, I) summed over the groups' dimensions [B]: the cross-entropy of the latent
+    groups that keep the Normal prior (LSGM's lower scales)."""
+    return sum(((0.5 * e.float().pow(2) + 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+                for e in groups), torch.zeros(()))
 
 
 def _check_cross_entropy_args(sde, eps_fn, mean, std, t_sampler) -> None:
@@ -115,9 +166,208 @@ def nelbo(vae, prior_eps: Callable, x: torch.Tensor, sde: SDE, t_sampler,
     out = vae(x, generator)
     top = vae.groups_per_scale[0]
     z0 = vae.top_latent(out.eps[:top])
-    lower = [(0.5 * e.pow(2) + 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
-             for e in out.eps[top:]]
-    ce = cross_entropy_at(sde, prior_eps, z0, t_sampler, generator) + sum(lower, torch.zeros(()))
+    ce = (cross_entropy_at(sde, prior_eps, z0, t_sampler, generator)
+          + normal_cross_entropy(out.eps[top:]))
     recon = vae.reconstruction_loss(out, x)
     log_q = torch.stack(out.log_q).sum(0)
     return NELBO(recon + log_q + ce, recon, log_q, ce)
+
+
+# --- the model: a VAE and a score prior on its top latent --------------------------------------
+
+
+def _latent_ncsnpp() -> UNetConfig:
+    """LSGM's latent NCSN++ for CIFAR-10 (180 x 16 x 16 latent; App. G of the paper)."""
+    return UNetConfig(arch="ncsnpp", image_size=16, num_channels=180, nf=512, ch_mult=(1, 1, 1),
+                      num_res_blocks=8, attn_resolutions=(16,), dropout=0.2, fir=True,
+                      resblock_type="biggan", progressive="none", progressive_input="none",
+                      embedding_type="positional", embedding_dim=128)
+
+
+@dataclass
+class LSGMConfig:
+    """An LSGM: the NVAE of `vae` and the latent NCSN++ of `sgm` inside a `MixedScore`.
+
+    `sgm` sees the VAE's top latent: its image_size / num_channels must equal the VAE's
+    `top_latent_shape`. `mixing_logit_init`: LSGM's --mixing_logit_init (-3 CIFAR-10, -6 MNIST,
+    OMNIGLOT, CelebA-HQ); `embedding_scale`: the network's time input is this times t (1000).
+    """
+
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    sgm: UNetConfig = field(default_factory=_latent_ncsnpp)
+    mixing_logit_init: float = -3.0
+    embedding_scale: float = 1000.0
+
+    def __post_init__(self):
+        self.validate()
+
+    # what the data checks of a config read (`configs.validate`)
+    @property
+    def image_size(self) -> int:
+        return self.vae.image_size
+
+    @property
+    def num_channels(self) -> int:
+        return self.vae.num_channels
+
+    @property
+    def num_classes(self) -> int:
+        return 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that does not fit."""
+        c, h, w = self.vae.top_latent_shape
+        if (self.sgm.num_channels, self.sgm.image_size) != (c, h):
+            raise ValueError(
+                f"LSGMConfig.sgm: the score prior models the VAE's top latent {c}x{h}x{w}; set "
+                f"sgm.num_channels={c} sgm.image_size={h} (got {self.sgm.num_channels} and "
+                f"{self.sgm.image_size})")
+        if self.sgm.num_classes:
+            raise ValueError("LSGMConfig.sgm.num_classes: the latent prior is unconditional; set 0")
+        check_float("LSGMConfig", "mixing_logit_init", self.mixing_logit_init, high=20.0)
+        check_float("LSGMConfig", "embedding_scale", self.embedding_scale, positive=True)
+
+
+def build_lsgm(cfg: LSGMConfig, *, generator=None, sde: SDE | None = None) -> nn.ModuleDict:
+    """`{"vae": NVAE, "sgm": MixedScore(UNet)}` of an `LSGMConfig`; weights from `generator`.
+
+    The mixed score needs the SDE's σ_t: pass `sde` here or set `models["sgm"].sde` later.
+    """
+    vae = NVAE(cfg.vae, generator=generator)
+    net = UNet(cfg.sgm, generator=_after_vae(generator))
+    sgm = MixedScore(net, sde, cfg.sgm.num_channels, cfg.mixing_logit_init,
+                     embedding_scale=cfg.embedding_scale)
+    return nn.ModuleDict({"vae": vae, "sgm": sgm})
+
+
+def _after_vae(generator):
+    """The generator the score network draws from after the VAE: the same stream, or for an int
+    seed (or None) the seed + 1, so the two networks never share initial weights."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    return (0 if generator is None else int(generator)) + 1
+
+
+MODELS.register("lsgm", build_lsgm, params=LSGMConfig,
+                build=lambda cfg, generator=None, sde=None: build_lsgm(cfg, generator=generator,
+                                                                       sde=sde))
+
+
+# --- LSGM's training weightings ----------------------------------------------------------------
+
+# iw_sample_p of the reference: (time sampler, weighting λ_p of |ε̂ - ε|² in the SGM's loss).
+# "likelihood": g²/(2σ²) (the CE itself); "g2": g²/2 (drops 1/σ²); "unit": 1 (drops all, the
+# DDPM-style ε-loss). Every estimate is weight(t) λ_p(t) |ε̂ - ε|² with weight = 1/q(t), so each
+# mode is unbiased for its own integral over [eps, 1] (the reference's uniform modes miss the
+# factor 1 - eps, a constant).
+P_WEIGHTINGS = {
+    "ll_uniform": ("uniform", "likelihood"),
+    "ll_iw": ("ll_iw", "likelihood"),
+    "drop_all_uniform": ("uniform", "unit"),
+    "drop_all_iw": ("drop_all_iw", "unit"),
+    "drop_sigma2t_uniform": ("uniform", "g2"),
+    "drop_sigma2t_iw": ("drop_sigma2t_iw", "g2"),
+}
+
+
+def p_weight(kind: str, sde: SDE, t: torch.Tensor) -> torch.Tensor:
+    """λ_p(t) of `P_WEIGHTINGS`: "likelihood" g²/(2σ_t²), "g2" g²/2 or "unit" 1, [B]."""
+    if kind == "likelihood":
+        return likelihood_weight(sde, t)
+    if kind == "g2":
+        return sde.sde_coefficients(t)[1].pow(2) / 2
+    if kind == "unit":
+        return torch.ones_like(t)
+    raise ValueError(f"p_weight: kind must be likelihood, g2 or unit, got {kind!r}")
+
+
+def norm_regularization(module: nn.Module) -> torch.Tensor:
+    """Σ max|γ| over the affine weights of the normalization layers of `module`: the part of
+    spectral regularization LSGM keeps on its score network (`--weight_decay_norm_dae`)."""
+    terms = [m.weight.abs().max() for m in module.modules()
+             if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)) and m.affine]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_latent(sgm: MixedScore, sde: SDE, n: int, shape, *, method: str = "ode",
+                  steps: int = 100, eps: float = 1e-5, rtol: float = 1e-5, atol: float = 1e-5,
+                  generator: torch.Generator | None = None, device=None):
+    """n top latents z0 ~ p(z0) from the score prior, and the number of score evaluations.
+
+    method "ode": the probability-flow ODE by dopri5 at (rtol, atol) from T to eps (LSGM samples
+    with RK45 at 1e-5, eps 1e-6 without a denoising step); "em": Euler-Maruyama with `steps`;
+    "pc": reverse diffusion + one Langevin corrector per step (snr 0.16).
+    """
+    from lsgm_edu import samplers
+
+    check_int("sample_latent", "n", n, low=1)
+    full = (n, *shape)
+    if method == "ode":
+        z, nfe = samplers.probability_flow(sde, sgm, full, rtol=rtol, atol=atol, eps=eps,
+                                           generator=generator, device=device, return_nfe=True)
+        return z, nfe
+    if method == "em":
+        return samplers.euler_maruyama(sde, sgm, full, steps, eps=eps, generator=generator,
+                                       device=device), steps + 1
+    if method == "pc":
+        return samplers.predictor_corrector(sde, sgm, full, steps, 0.16, 1,
+                                            predictor="euler_maruyama", eps=eps,
+                                            generator=generator, device=device), 2 * steps + 1
+    raise ValueError(f"sample_latent: method must be ode, em or pc, got {method!r}")
+
+
+@torch.no_grad()
+def sample_images(models, sde: SDE, n: int, *, method: str = "ode", use_mean: bool = True,
+                  generator: torch.Generator | None = None, **kw):
+    """n images in [0, 1] from an LSGM: z0 from the score prior (`sample_latent`), the lower
+    groups from N(0, I), decoded by the VAE (its mean image, or a draw with use_mean=False).
+    Returns (images, nfe)."""
+    vae, sgm = models["vae"], models["sgm"]
+    device = next(vae.parameters()).device
+    z0, nfe = sample_latent(sgm, sde, n, vae.config.top_latent_shape, method=method,
+                            generator=generator, device=device, **kw)
+    logits = vae.decode(z0, generator)
+    images = vae.decoder_mean(logits) if use_mean else vae.sample_images(logits, generator)
+    return images, nfe
+
+
+# --- likelihood ----------------------------------------------------------------------------------
+
+
+class NLLBound(NamedTuple):
+    """Per-sample terms [B] (nats) of LSGM's bound -log p(x) <= recon + log q - log p(z0)."""
+
+    nll: torch.Tensor
+    reconstruction: torch.Tensor
+    log_q: torch.Tensor
+    log_p: torch.Tensor  # log p(z0): the score prior by the PF-ODE (+ N(0, I) of lower groups)
+    nfe: int  # score evaluations of the ODE solve (0 for the VAE alone)
+
+
+@torch.no_grad()
+def nll_bound(models, sde: SDE | None, x: torch.Tensor, *, ode_eps: float = 1e-5,
+              tol: float = 1e-5, generator: torch.Generator | None = None) -> NLLBound:
+    """LSGM's single-sample NLL bound for images x in [0, 1] (its evaluation protocol): z ~ q(z | x)
+    once, log p(z0) of the top latent by the probability-flow ODE from ode_eps to 1 (dopri5 at
+    rtol = atol = tol, one Gaussian Hutchinson probe; LSGM App. F), lower groups under N(0, I).
+    With models lacking "sgm" (or sde None) it is the VAE's own NELBO, recon + Σ KL."""
+    from lsgm_edu.likelihood import log_likelihood
+
+    vae = models["vae"]
+    out = vae(x, generator)
+    recon = vae.reconstruction_loss(out, x)
+    log_q = torch.stack(out.log_q).sum(0)
+    if "sgm" not in models or sde is None:
+        log_p = log_q - torch.stack(out.kl).sum(0)
+        return NLLBound(recon + log_q - log_p, recon, log_q, log_p, 0)
+    top = vae.groups_per_scale[0]
+    z0 = vae.top_latent(out.eps[:top])
+    with torch.enable_grad():
+        res = log_likelihood(sde, models["sgm"], z0, rtol=tol, atol=tol, eps=ode_eps,
+                             probe="gaussian", generator=generator)
+    log_p = res.logp.to(recon.dtype) - normal_cross_entropy(out.eps[top:]).to(recon.dtype)
+    return NLLBound(recon + log_q - log_p, recon, log_q, log_p, int(res.nfe))

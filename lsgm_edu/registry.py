@@ -68,15 +68,16 @@ class Entry:
 class Registry:
     """name -> `Entry` for one kind of part ('sde', 'model', ...)."""
 
-    def __init__(self, kind: str, home: str | None = None):
-        self.kind, self.home = kind, home
+    def __init__(self, kind: str, home: str | tuple[str, ...] | None = None):
+        self.kind = kind
+        self.home = (home,) if isinstance(home, str) else tuple(home or ())
         self._entries: dict[str, Entry] = {}
 
     @property
     def entries(self) -> dict[str, Entry]:
-        """name -> Entry, after importing the module that registers this kind's parts."""
-        if self.home is not None:
-            importlib.import_module(self.home)
+        """name -> Entry, after importing the modules that register this kind's parts."""
+        for module in self.home:
+            importlib.import_module(module)
         return self._entries
 
     def register(self, name: str, target: Callable, *, params: type | None = None,
@@ -132,4 +133,4 @@ class Registry:
 # on first use: the registry itself imports nothing, so a network module can register itself
 # without importing an SDE.
 SDES = Registry("sde", home="lsgm_edu.sde")
-MODELS = Registry("model", home="lsgm_edu.nets")
+MODELS = Registry("model", home=("lsgm_edu.nets", "lsgm_edu.lsgm"))

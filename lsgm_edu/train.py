@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -45,8 +46,8 @@ from lsgm_edu import data as data_module
 from lsgm_edu.configs import Config, ConfigError, config_from_dict, convert_legacy
 from lsgm_edu.nets import build_model
 from lsgm_edu.nets.precond import ScoreModel
-from lsgm_edu.objectives import DSM, Batch, BatchGenerator
-from lsgm_edu.registry import SDES
+from lsgm_edu.objectives import DSM, Batch, BatchGenerator, LSGMObjective, VAEObjective
+from lsgm_edu.registry import MODELS, SDES
 
 STATE_LAYOUT = 2  # checkpoint tensors named <model>/..., ema/<model>/..., opt/<model>/<param>/...
 
@@ -243,6 +244,108 @@ def dsm_setup(cfg: Config, sde=None) -> TrainingSetup:
     return TrainingSetup({"score": spec}, DSM.from_config(cfg, sde), sample, result_model)
 
 
+STAGES = ("vae", "lsgm")
+
+
+def _is_lsgm(cfg: Config) -> bool:
+    return MODELS.name_of(cfg.model) == "lsgm"
+
+
+def _check_stage(cfg: Config, stage: str | None) -> None:
+    if _is_lsgm(cfg) and stage not in STAGES:
+        raise ConfigError(f"{cfg.name}: an LSGM trains in two stages; choose --stage vae (the "
+                          f"VAE alone) or --stage lsgm (end to end from lsgm.vae_checkpoint), "
+                          f"got {stage!r}")
+    if not _is_lsgm(cfg) and stage is not None:
+        raise ConfigError(f"{cfg.name}: --stage {stage} is for LSGM configs (model.name: lsgm); "
+                          f"this one trains a {MODELS.name_of(cfg.model)!r} with DSM")
+
+
+def stage_config(cfg: Config, stage: str | None) -> Config:
+    """The config a stage trains with: for LSGM's stage "vae", train.n_iters / batch_size /
+    lr / adam_eps are lsgm.vae_pretrain_iters / vae_pretrain_batch_size / lr_vae_pretrain /
+    adam_eps_vae; otherwise `cfg` itself."""
+    _check_stage(cfg, stage)
+    if stage != "vae":
+        return cfg
+    lc = cfg.lsgm
+    train_cfg = dataclasses.replace(cfg.train, n_iters=lc.vae_pretrain_iters,
+                                    batch_size=lc.vae_pretrain_batch_size,
+                                    lr=lc.lr_vae_pretrain, adam_eps=lc.adam_eps_vae)
+    return dataclasses.replace(cfg, train=train_cfg)
+
+
+def training_setup(cfg: Config, stage: str | None = None) -> TrainingSetup:
+    """DSM for a U-Net config; for an LSGM, `vae_setup` (stage "vae") or `lsgm_setup`."""
+    _check_stage(cfg, stage)
+    if stage == "vae":
+        return vae_setup(cfg)
+    if stage == "lsgm":
+        return lsgm_setup(cfg)
+    return dsm_setup(cfg)
+
+
+def vae_setup(cfg: Config) -> TrainingSetup:
+    """LSGM's first stage: the NVAE of `cfg.model.vae` alone ('vae', no EMA), `VAEObjective`.
+
+    The NVAE is initialised as `build_model(cfg.model)` initialises it (the same stream)."""
+    from lsgm_edu.vae import NVAE
+
+    vae = NVAE(cfg.model.vae, generator=seeded_generator(cfg.train.seed, 0))
+    spec = ModelSpec.from_train_config(vae, cfg.train, ema_rate=None)
+
+    def sample(models, n, generator):
+        return models["vae"].sample(n, generator, use_mean=True)
+
+    return TrainingSetup({"vae": spec}, VAEObjective.from_config(cfg), sample,
+                         lambda models: models["vae"])
+
+
+def lsgm_setup(cfg: Config, sde=None) -> TrainingSetup:
+    """LSGM end to end: 'vae' (from lsgm.vae_checkpoint, at lsgm.lr_vae with adam_eps_vae, no
+    EMA) and 'sgm' (the mixed score, at train.lr with the EMA of train.ema_rate),
+    `LSGMObjective`."""
+    from lsgm_edu import lsgm
+
+    sde = sde if sde is not None else build_sde(cfg.sde)
+    models = build_model(cfg.model, generator=seeded_generator(cfg.train.seed, 0), sde=sde)
+    if cfg.lsgm.vae_checkpoint:
+        models["vae"].load_state_dict(load_vae_weights(cfg.lsgm.vae_checkpoint, cfg))
+    tc, lc = cfg.train, cfg.lsgm
+    specs = {"vae": ModelSpec.from_train_config(models["vae"], tc, lr=lc.lr_vae,
+                                                eps=lc.adam_eps_vae, ema_rate=None),
+             "sgm": ModelSpec.from_train_config(models["sgm"], tc)}
+
+    def sample(models, n, generator):
+        images, _ = lsgm.sample_images(models, sde, n, method=cfg.sampling.method,
+                                       steps=cfg.sampling.grid_steps, eps=cfg.sampling.eps,
+                                       generator=generator)
+        return images
+
+    return TrainingSetup(specs, LSGMObjective.from_config(cfg, sde), sample,
+                         lambda models: nn.ModuleDict(models))
+
+
+def load_vae_weights(path: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
+    """The VAE tensors of a stage-"vae" (or LSGM) checkpoint, after checking that it holds the
+    VAE of `cfg.model.vae`."""
+    tensors, meta = ckpt.load_checkpoint(path)
+    saved = meta.get("config", {}).get("model", {}).get("vae")
+    now = json.loads(json.dumps(dataclasses.asdict(cfg.model.vae)))
+    if saved is None:
+        raise ConfigError(f"lsgm.vae_checkpoint={path}: not a checkpoint of an LSGM's VAE "
+                          f"(its config has no model.vae); train one with --stage vae")
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items()
+             if saved.get(k) != v]
+    if diffs:
+        raise ConfigError(f"lsgm.vae_checkpoint={path}: its VAE differs from model.vae in "
+                          + "; ".join(diffs))
+    state = _part(tensors, "vae/")
+    if not state:
+        raise ckpt.CheckpointError(f"{path}: no 'vae/' tensors in this checkpoint")
+    return state
+
+
 class TrainState:
     """The named modules, one AdamW and (optionally) one EMA copy per model, on `device`.
 
@@ -348,7 +451,14 @@ def train_step(state: TrainState, objective, batch: Batch, generator: BatchGener
         loss, logs = objective(state.forward, batch, generator)
     for opt in state.optimizers.values():
         opt.zero_grad(set_to_none=True)
-    loss.float().mean().backward()
+    if isinstance(loss, dict):  # each model descends its own loss (LSGM: the VAE q, the SGM p)
+        _check_model_losses(loss, state)
+        for i, (name, part) in enumerate(loss.items()):
+            part.float().mean().backward(inputs=list(state.modules[name].parameters()),
+                                         retain_graph=i < len(loss) - 1)
+        loss = next(iter(loss.values()))  # logged as "loss": the first model's
+    else:
+        loss.float().mean().backward()
     grad_norms = {}
     for name, module in state.modules.items():
         clip = state.specs[name].grad_clip
@@ -372,6 +482,12 @@ def train_step(state: TrainState, objective, batch: Batch, generator: BatchGener
     for name, ema in state.emas.items():
         ema_update(ema, state.modules[name], state.specs[name].ema_rate)
     return stats
+
+
+def _check_model_losses(losses: dict, state: TrainState) -> None:
+    if set(losses) != set(state.modules):
+        raise ValueError(f"the objective returned losses for {sorted(losses)}, the run trains "
+                         f"{sorted(state.modules)}: give one loss per trained model")
 
 
 def _same_training_problem(saved: dict, cfg: Config) -> None:
@@ -526,23 +642,31 @@ def _prepare_batch(x_uint8, step_gen, cfg, num_levels, rank_slice, device):
     b = cfg.train.batch_size
     x = x_uint8.to(device)
     flip = torch.rand(b, generator=step_gen)[rank_slice] < 0.5
-    noise = (torch.rand((b, *x.shape[1:]), generator=step_gen)[rank_slice].to(device)
-             if cfg.data.dequantize else None)
-    x = data_module.to_model(x, num_levels, centered=cfg.data.centered, noise=noise,
-                             discretization="dequantize" if cfg.data.dequantize else "scale")
+    info = data_module.DATASETS.get(cfg.data.dataset)
+    if info is not None and info.binarize:  # a fresh Bernoulli draw of every image, every step
+        u = torch.rand((b, *x.shape[1:]), generator=step_gen)[rank_slice].to(device)
+        x = data_module.binarize(x, num_levels, noise=u)
+        x = 2 * x - 1 if cfg.data.centered else x
+    else:
+        noise = (torch.rand((b, *x.shape[1:]), generator=step_gen)[rank_slice].to(device)
+                 if cfg.data.dequantize else None)
+        x = data_module.to_model(x, num_levels, centered=cfg.data.centered, noise=noise,
+                                 discretization="dequantize" if cfg.data.dequantize else "scale")
     return data_module.random_flip(x, flip=flip.to(device)) if cfg.data.random_flip else x
 
 
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str | None = None,
           dataset=None, progress: bool = True, log=print,
-          setup: TrainingSetup | None = None) -> TrainResult:
+          setup: TrainingSetup | None = None, stage: str | None = None) -> TrainResult:
     """Train `cfg` into `out_dir`; with `resume`, continue from its newest valid checkpoint.
 
     out_dir gets config.yaml, log.csv, TensorBoard events, loss.png, samples/ and checkpoints/.
     `dataset` overrides `cfg.data` (any dataset of (uint8 [C,H,W], label) with `num_levels`).
-    `setup` (default `dsm_setup(cfg)`) names the models and the objective; everything else
-    (batches, seeds, steps, checkpoints, logs) comes from `cfg`.
+    `setup` (default `training_setup(cfg, stage)`: DSM for a U-Net, LSGM's stage "vae" or
+    "lsgm" for an LSGM) names the models and the objective; everything else (batches, seeds,
+    steps, checkpoints, logs) comes from `cfg` (for an LSGM stage, `stage_config(cfg, stage)`).
     """
+    cfg = stage_config(cfg, stage)
     d = setup_distributed(device)
     out = Path(out_dir)
     tc = cfg.train
@@ -557,7 +681,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
     ckpt_dir = out / "checkpoints"
     log_path = out / "log.csv"
 
-    setup = setup if setup is not None else dsm_setup(cfg)
+    setup = setup if setup is not None else training_setup(cfg, stage)
     state = TrainState(setup.models, d.device)
 
     start, last_ckpt = 0, None
@@ -592,6 +716,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
             m.to(memory_format=torch.channels_last)
 
     def wrap(module):
+        if d.world_size > 1 and cuda:  # batch statistics over all processes (the VAE's BN)
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         if d.world_size > 1:
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[d.device.index] if cuda else None)
@@ -626,7 +752,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
             x0 = _prepare_batch(x_uint8, gen, cfg, num_levels, rank_slice, d.device)
             if cuda and tc.channels_last and x0.ndim == 4:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            batch = Batch(x0, y.to(d.device) if cfg.model.num_classes else None)
+            batch = Batch(x0, y.to(d.device) if cfg.model.num_classes else None, step)
             torch.manual_seed(derived_seed(tc.seed, 3, step, d.rank))  # dropout masks
             try:
                 stats = train_step(state, setup.objective, batch,
@@ -740,6 +866,27 @@ def migrate_checkpoint(path: str | Path, out_stem: str | Path) -> Path:
     return ckpt.save_checkpoint(out_stem, _legacy_tensors(tensors, cfg), new_meta)
 
 
+def load_lsgm(path: str | Path, *, ema: bool = True, device="cpu"):
+    """(models, sde, Config) of an LSGM checkpoint: {"vae", "sgm"} in eval mode, the SGM's EMA
+    weights where it has them (`ema`); a stage-"vae" checkpoint gives {"vae"} and sde None."""
+    tensors, meta = ckpt.load_checkpoint(path)
+    cfg = config_from_dict(meta["config"], name=meta["config"].get("name", "unnamed"),
+                           source=f"{path} (sidecar config)")
+    if not _is_lsgm(cfg):
+        raise ConfigError(f"{path}: a checkpoint of a {MODELS.name_of(cfg.model)!r} model, not of "
+                          f"an LSGM; load it with load_score_model")
+    sde = build_sde(cfg.sde)
+    models = build_model(cfg.model, sde=sde)
+    names = meta.get("models", ["vae"])
+    for name in names:
+        prefix = f"ema/{name}/" if ema and any(k.startswith(f"ema/{name}/") for k in tensors) \
+            else f"{name}/"
+        models[name].load_state_dict(_part(tensors, prefix))
+    if "sgm" not in names:
+        models = nn.ModuleDict({"vae": models["vae"]})
+    return models.to(device).eval(), (sde if "sgm" in names else None), cfg
+
+
 def load_score_model(path: str | Path, *, ema: bool = True, device="cpu", name: str = "score"):
     """(ScoreModel, Config) from a training checkpoint or an exported EMA file (`export_ema`).
 
@@ -764,9 +911,14 @@ def load_score_model(path: str | Path, *, ema: bool = True, device="cpu", name: 
 
 
 def export_ema(checkpoint_path: str | Path, out_stem: str | Path, note: str = "") -> Path:
-    """Write only the EMA weights and the config (what the book ships): `<out_stem>.{safetensors,json}`."""
+    """Write only the weights to evaluate and the config (what the book ships):
+    `<out_stem>.{safetensors,json}`. Each model keeps its EMA weights, or its weights where it
+    has no EMA (an LSGM's VAE); optimizer states are dropped."""
     tensors, meta = ckpt.load_checkpoint(checkpoint_path)
     ema_tensors = {k: v for k, v in tensors.items() if k.startswith("ema/")}
+    for name in meta.get("models", []):
+        if not any(k.startswith(f"ema/{name}/") for k in tensors):
+            ema_tensors.update({k: v for k, v in tensors.items() if k.startswith(f"{name}/")})
     small = {"kind": "ema", "step": meta["step"], "config": meta["config"], "note": note,
              "torch": meta.get("torch"), "exported_from": Path(checkpoint_path).name,
              "state_layout": meta.get("state_layout"), "models": meta.get("models")}

@@ -76,8 +76,11 @@ class PerSampleGenerators:
 
 
 def randn(shape, generator=None, *, device=None, dtype=None) -> torch.Tensor:
-    """Standard normal draws of `shape` from `generator`: a torch.Generator, None (global RNG)
-    or `PerSampleGenerators` (row i from generator i). Device defaults to the generator's."""
+    """Standard normal draws of `shape` from `generator`: a torch.Generator, None (global RNG),
+    `PerSampleGenerators` (row i from generator i), or a trainer's `BatchGenerator` (this
+    process's rows of a draw for the global batch). Device defaults to the generator's."""
+    if hasattr(generator, "randn_rows"):
+        return generator.randn_rows(tuple(shape), dtype=dtype).to(device)
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     if not isinstance(generator, PerSampleGenerators):

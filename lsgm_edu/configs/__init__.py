@@ -107,6 +107,41 @@ class EvalConfig:
 
 
 @dataclass
+class LSGMTrainConfig:
+    """LSGM's two training stages (Vahdat, Kreis & Kautz 2021), read when `model.name: lsgm`.
+
+    Stage "vae" pre-trains the NVAE alone (the reference's train_vae.py): NELBO with KL warm-up
+    from kl_const_coeff to kl_max_coeff over kl_anneal_portion of train.n_iters, KL balancing,
+    spectral regularization. Stage "lsgm" trains the VAE and the score prior end to end from
+    `vae_checkpoint` (train_vada.py): the SGM at train.lr with train.adam_eps and the EMA of
+    train.ema_rate, the VAE at lr_vae with adam_eps_vae and no EMA; the KL coefficient rises
+    from kl_const_coeff_lsgm to 1 over kl_anneal_portion_lsgm when kl_anneal_lsgm.
+    """
+
+    # stage "vae" (its own length and batch; the other train.* settings are shared)
+    vae_pretrain_iters: int = 78_000  # train_vae.py --epochs x iterations per epoch
+    vae_pretrain_batch_size: int = 256  # global batch of the VAE pre-training
+    lr_vae_pretrain: float = 1e-2  # --learning_rate of train_vae.py (Adamax there, AdamW here)
+    kl_anneal_portion: float = 0.3  # --kl_anneal_portion
+    kl_const_portion: float = 1e-4  # --kl_const_portion
+    kl_const_coeff: float = 1e-4  # --kl_const_coeff
+    kl_max_coeff: float = 1.0  # --kl_max_coeff
+    kl_balance: bool = True  # NVAE's KL balancing during the warm-up
+    weight_decay_norm_vae: float = 1e-2  # spectral regularization λ of the VAE (both stages)
+    # stage "lsgm"
+    vae_checkpoint: str | None = None  # the stage-"vae" checkpoint (sidecar .json) to start from
+    lr_vae: float = 1e-4  # --learning_rate_vae
+    adam_eps_vae: float = 1e-3  # the VAE's Adam eps (the SGM's is train.adam_eps)
+    weight_decay_norm_sgm: float = 0.0  # --weight_decay_norm_dae (GroupNorm max|γ| terms)
+    iw_sample_p: str = "drop_all_iw"  # the SGM's time sampler and weighting (lsgm.P_WEIGHTINGS)
+    iw_sample_q: str = "reweight_p_samples"  # the VAE's: reweight_p_samples | ll_uniform | ll_iw
+    time_eps: float = 0.01  # --time_eps: the smallest diffusion time of the cross-entropy
+    kl_anneal_lsgm: bool = True  # --cont_kl_anneal
+    kl_anneal_portion_lsgm: float = 0.1  # --kl_anneal_portion_vada
+    kl_const_coeff_lsgm: float = 0.7  # --kl_const_coeff_vada
+
+
+@dataclass
 class Config:
     """An experiment. `model` and `sde` are the parameter dataclasses of registered parts
     (`MODELS.name_of(cfg.model)`, `SDES.build(cfg.sde)`)."""
@@ -118,6 +153,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lsgm: LSGMTrainConfig = field(default_factory=LSGMTrainConfig)
 
     def to_dict(self) -> dict:
         """Nested plain data, as in the YAML files: each part's section starts with its name."""
@@ -137,6 +173,9 @@ class Config:
 _CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"),
     "sampling.method": ("pc", "em", "ode"),
+    "lsgm.iw_sample_p": ("ll_uniform", "ll_iw", "drop_all_uniform", "drop_all_iw",
+                         "drop_sigma2t_uniform", "drop_sigma2t_iw"),
+    "lsgm.iw_sample_q": ("reweight_p_samples", "ll_uniform", "ll_iw"),
 }
 
 
@@ -313,9 +352,41 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.warmup, train.grad_clip and train.sample_grid must be >= 0")
     if not 0.0 < t.eps < 1.0 or not 0.0 < cfg.sampling.eps < 1.0:
         raise ConfigError("train.eps and sampling.eps must be in (0, 1)")
+    if MODELS.name_of(cfg.model) == "lsgm":
+        _validate_lsgm(cfg)
     if cfg.model.num_classes and cfg.data.dataset in ("celebahq256",):
         raise ConfigError(f"model.num_classes={cfg.model.num_classes}: {cfg.data.dataset} has no labels")
     return cfg
+
+
+def _validate_lsgm(cfg: Config) -> None:
+    """An LSGM config: bounded data, a VP-type SDE with var(time_eps) > 0, sane stage settings."""
+    lc = cfg.lsgm
+    if cfg.data.centered or cfg.data.dequantize:
+        raise ConfigError("data.centered and data.dequantize must be false for an LSGM: the VAE "
+                          "reads images in [0, 1] and models the discrete pixels itself")
+    sde_name = SDES.name_of(cfg.sde)
+    if sde_name not in ("vp", "geometric_vp"):
+        raise ConfigError(f"sde.name: LSGM's mixed score needs a VP-type SDE (vp or geometric_vp),"
+                          f" got {sde_name!r}")
+    import torch
+
+    if not 0.0 <= lc.time_eps < 1.0 or not float(SDES.build(cfg.sde).marginal_scale(
+            torch.tensor([lc.time_eps], dtype=torch.float64))) > 0:
+        raise ConfigError(f"lsgm.time_eps={lc.time_eps}: need 0 <= time_eps < 1 with a non-zero "
+                          f"kernel variance there (0.01 for vp; 0 works for geometric_vp)")
+    for key in ("vae_pretrain_iters", "vae_pretrain_batch_size", "lr_vae_pretrain", "lr_vae",
+                "adam_eps_vae", "kl_max_coeff"):
+        if not getattr(lc, key) > 0:
+            raise ConfigError(f"lsgm.{key} must be > 0, got {getattr(lc, key)}")
+    for key in ("kl_anneal_portion", "kl_const_portion", "kl_anneal_portion_lsgm"):
+        if not 0.0 <= getattr(lc, key) <= 1.0:
+            raise ConfigError(f"lsgm.{key} must be in [0, 1], got {getattr(lc, key)}")
+    if not 0.0 <= lc.kl_const_coeff <= lc.kl_max_coeff or not 0.0 <= lc.kl_const_coeff_lsgm <= 1:
+        raise ConfigError("lsgm.kl_const_coeff must lie in [0, kl_max_coeff] and "
+                          "lsgm.kl_const_coeff_lsgm in [0, 1]")
+    if lc.weight_decay_norm_vae < 0 or lc.weight_decay_norm_sgm < 0:
+        raise ConfigError("lsgm.weight_decay_norm_vae and lsgm.weight_decay_norm_sgm must be >= 0")
 
 
 _LEGACY_SDES = {"vpsde": "vp", "subvpsde": "subvp", "vesde": "ve"}

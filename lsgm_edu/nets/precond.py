@@ -102,6 +102,9 @@ class MixedScore(nn.Module):
         return self.alpha.to(z.dtype), self._sigma(z, t), net_eps
 
     def _sigma(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.sde is None:
+            raise RuntimeError("MixedScore has no SDE: build it with sde=..., or set .sde before "
+                               "calling it (build_model(cfg.model, sde=build_sde(cfg.sde)))")
         t_scale = t.to(device=z.device, dtype=torch.promote_types(t.dtype, z.dtype))
         sigma = self.sde.marginal_scale(t_scale).to(z.dtype)
         return sigma.reshape(-1, *([1] * (z.ndim - 1)))

@@ -408,10 +408,11 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def build_model(config, *, generator=None) -> nn.Module:
-    """The network of a registered model config (`cfg.model`, e.g. a `UNetConfig` -> `UNet`)."""
+def build_model(config, *, generator=None, **extra) -> nn.Module:
+    """The network of a registered model config (`cfg.model`, e.g. a `UNetConfig` -> `UNet`,
+    an `LSGMConfig` -> {"vae", "sgm"}, which takes `sde=`)."""
     try:
-        return MODELS.build(config, generator=generator)
+        return MODELS.build(config, generator=generator, **extra)
     except UnknownName as e:
         raise ValueError(f"build_model: {e}") from None
 

@@ -1,0 +1,294 @@
+"""LSGM through the config, the trainer and the command line: paper-size configs with the
+reference's parameter counts, the two stages, per-model losses, exact resume (also after
+kill -9), the NaN stop, binarized batches, and the NLL evaluation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lsgm_edu import checkpoint as ckpt
+from lsgm_edu import data as data_module
+from lsgm_edu.__main__ import main
+from lsgm_edu.configs import ConfigError, config_from_dict, load_config
+from lsgm_edu.nets import build_model
+from lsgm_edu.objectives import Batch, BatchGenerator
+from lsgm_edu.train import (
+    TrainingDiverged,
+    TrainState,
+    lsgm_setup,
+    seeded_generator,
+    stage_config,
+    train,
+    train_step,
+    training_setup,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train import _kill_and_resume
+
+# An LSGM small enough for every code path in seconds: 8x8 binarized digits, a VAE with two
+# latent scales (the score prior models the 4x2x2 top scale, the 4x4 groups keep N(0, I)).
+TINY = {
+    "name": "lsgm_tiny",
+    "model": {
+        "name": "lsgm",
+        "vae": {"image_size": 8, "num_channels": 1, "num_channels_enc": 8, "num_channels_dec": 8,
+                "num_preprocess_blocks": 1, "num_preprocess_cells": 1,
+                "num_postprocess_blocks": 1, "num_postprocess_cells": 1,
+                "num_latent_scales": 2, "num_groups_per_scale": 2, "num_latent_per_group": 2,
+                "num_cell_per_cond_enc": 1, "num_cell_per_cond_dec": 1, "ch_mult": [1, 1, 2],
+                "cell_type": "res_bnswish", "use_se": True, "decoder": "bernoulli"},
+        "sgm": {"arch": "ncsnpp", "image_size": 2, "num_channels": 4, "nf": 8, "ch_mult": [1],
+                "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0, "fir": False,
+                "resblock_type": "biggan", "progressive": "none", "progressive_input": "none",
+                "embedding_type": "positional", "embedding_dim": 8},
+        "mixing_logit_init": -3.0,
+    },
+    "sde": {"name": "vp"},
+    "data": {"dataset": "binarized_digits8x8", "random_flip": False, "centered": False,
+             "dequantize": False},
+    "train": {"n_iters": 6, "batch_size": 8, "lr": 1e-3, "warmup": 2, "grad_clip": 1.0,
+              "ema_rate": 0.9, "log_every": 1, "sample_every": 1000000, "ckpt_every": 3},
+    "lsgm": {"vae_pretrain_iters": 6, "vae_pretrain_batch_size": 8, "iw_sample_p": "ll_iw",
+             "weight_decay_norm_sgm": 1e-3},
+}
+
+
+def tiny(**sections):
+    tree = copy.deepcopy(TINY)
+    for section, changes in sections.items():
+        tree[section].update(changes)
+    return config_from_dict(tree, name="lsgm_tiny")
+
+
+def n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# --- configs ---------------------------------------------------------------------------------
+
+# (VAE, score prior, top latent) of NVlabs/LSGM's classes with the README settings
+# (../shared/REFERENCE_LSGM_PSLD.md §E).
+PAPER = {
+    "lsgm_cifar10_fid": (100_867_740, 375_561_064, (180, 16, 16)),
+    "lsgm_cifar10_balanced": (100_867_740, 375_561_064, (180, 16, 16)),
+    "lsgm_cifar10_nll": (130_622_772, 375_561_064, (180, 16, 16)),
+    "lsgm_mnist": (3_005_822, 63_774_544, (40, 8, 8)),
+    "lsgm_omniglot": (5_384_190, 97_804_152, (60, 16, 16)),
+    "lsgm_celebahq256": (51_296_572, 408_367_680, (160, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_paper_configs_have_the_reference_parameter_counts(name):
+    cfg = load_config(name)
+    with torch.device("meta"):
+        models = build_model(cfg.model)
+    vae, sgm, latent = PAPER[name]
+    assert set(models) == {"vae", "sgm"}
+    assert (n_params(models["vae"]), n_params(models["sgm"])) == (vae, sgm)
+    assert cfg.model.vae.top_latent_shape == latent
+    assert models["sgm"].mixing_logit.shape == (1, latent[0], 1, 1)
+
+
+def test_book_config_is_small_and_its_stages_differ_only_in_the_train_section():
+    cfg = load_config("lsgm_mnist_book")
+    models = build_model(cfg.model)
+    assert n_params(models["vae"]) == 124_034 and n_params(models["sgm"]) < 1_000_000
+    vae_cfg = stage_config(cfg, "vae")
+    assert (vae_cfg.train.n_iters, vae_cfg.train.lr) == (cfg.lsgm.vae_pretrain_iters,
+                                                          cfg.lsgm.lr_vae_pretrain)
+    assert vae_cfg.model == cfg.model and stage_config(cfg, "lsgm") is cfg
+
+
+@pytest.mark.parametrize(("section", "change", "message"), [
+    ("model", {"sgm": {**TINY["model"]["sgm"], "num_channels": 3}}, "sgm.num_channels=4"),
+    ("data", {"centered": True}, "data.centered"),
+    ("sde", {"name": "ve"}, "VP-type"),
+    ("lsgm", {"time_eps": 0.0}, "lsgm.time_eps"),
+    ("lsgm", {"iw_sample_p": "ll_iww"}, "lsgm.iw_sample_p"),
+    ("lsgm", {"lr_vae": 0.0}, "lsgm.lr_vae"),
+])
+def test_bad_lsgm_configs_are_refused_naming_the_key(section, change, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        tiny(**{section: change})
+
+
+def test_stage_is_required_for_an_lsgm_and_refused_for_a_unet():
+    with pytest.raises(ConfigError, match="--stage vae"):
+        training_setup(tiny(), None)
+    with pytest.raises(ConfigError, match="for LSGM configs"):
+        stage_config(load_config("digits8_ddpmpp_vp"), "vae")
+
+
+# --- the trainer -------------------------------------------------------------------------------
+
+
+def _batch(cfg, step=0):
+    ds = data_module.load_dataset(cfg.data.dataset, "train")
+    x = data_module.binarize(torch.stack([ds[i][0] for i in range(8)]), ds.num_levels,
+                             torch.Generator().manual_seed(step))
+    return Batch(x, None, step)
+
+
+def test_each_model_descends_its_own_loss():
+    # no clipping (it rescales .grad), no spectral term (its power iteration is stateful)
+    cfg = tiny(train={"grad_clip": 0.0}, lsgm={"weight_decay_norm_vae": 0.0})
+    setup = lsgm_setup(cfg)
+    state = TrainState(setup.models)
+    batch = _batch(cfg, step=1)
+
+    def generator():
+        return BatchGenerator(seeded_generator(0, 5), 8)
+
+    before = {n: copy.deepcopy(m.state_dict()) for n, m in state.modules.items()}
+    losses, _ = setup.objective(state.forward, batch, generator())
+    vae_params, sgm_params = (list(state.modules[n].parameters()) for n in ("vae", "sgm"))
+    want_vae = torch.autograd.grad(losses["vae"].mean(), vae_params, retain_graph=True)
+    want_sgm = torch.autograd.grad(losses["sgm"].mean(), sgm_params, retain_graph=True)
+    leak = torch.autograd.grad(losses["sgm"].mean(), vae_params, allow_unused=True)
+    assert max(g.abs().max().item() for g in leak if g is not None) > 0  # p does depend on the VAE
+    for n, m in state.modules.items():  # same forward again (BN statistics are batch-wise)
+        m.load_state_dict(before[n])
+    train_step(state, setup.objective, batch, generator(), step=1)
+    for p, g in zip(vae_params, want_vae):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    for p, g in zip(sgm_params, want_sgm):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_trainer_binarizes_afresh_every_step(tmp_path):
+    seen = []
+
+    def spy(models, batch, generator):
+        seen.append(batch.x.clone())
+        return inner(models, batch, generator)
+
+    cfg = tiny(train={"n_iters": 3, "ckpt_every": 3})
+    setup = training_setup(cfg, "lsgm")
+    inner, setup.objective = setup.objective, spy
+    train(cfg, tmp_path, setup=setup, stage="lsgm", progress=False, log=lambda *_: None)
+    assert all(set(x.unique().tolist()) == {0.0, 1.0} for x in seen)
+    grey = data_module.load_dataset("digits8x8", "train")
+    assert seen[0].shape == (8, *grey[0][0].shape)
+    assert not torch.equal(seen[0], seen[1])
+
+
+def _run(tmp_path, name, cfg, stage="lsgm", **kw):
+    return train(cfg, tmp_path / name, stage=stage, progress=False, log=lambda *_: None, **kw)
+
+
+def test_both_stages_train_and_resume_exactly(tmp_path):
+    vae_run = _run(tmp_path, "vae", tiny(), stage="vae")
+    _, meta = ckpt.load_checkpoint(vae_run.checkpoint)
+    assert meta["models"] == ["vae"] and not any(k.startswith("ema/") for k in
+                                                 ckpt.load_checkpoint(vae_run.checkpoint)[0])
+    cfg = tiny(lsgm={"vae_checkpoint": str(vae_run.checkpoint)})
+    # the LSGM starts from the stage-vae weights
+    start = lsgm_setup(cfg).models["vae"].module.state_dict()
+    saved = {k[len("vae/"):]: v for k, v in ckpt.load_checkpoint(vae_run.checkpoint)[0].items()
+             if k.startswith("vae/")}
+    assert saved.keys() == start.keys()
+    assert all(torch.equal(start[k], v) for k, v in saved.items())
+    full = _run(tmp_path, "full", cfg)
+    # a run that stopped after its step-3 checkpoint, resumed
+    part = tmp_path / "part"
+    _run(tmp_path, "part", cfg)
+    for step, sidecar in ckpt.list_checkpoints(part / "checkpoints"):
+        if step > 3:
+            sidecar.unlink()
+            sidecar.with_suffix(".safetensors").unlink()
+    resumed = _run(tmp_path, "part", cfg)
+    a, b = (ckpt.load_checkpoint(r.checkpoint)[0] for r in (full, resumed))
+    assert a.keys() == b.keys() and {k.split("/")[0] for k in a} == {"vae", "sgm", "ema", "opt"}
+    assert {k.split("/")[1] for k in a if k.startswith("ema/")} == {"sgm"}  # no EMA on the VAE
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert math.isfinite(full.loss)
+
+
+def test_nan_in_the_score_prior_stops_with_the_last_good_checkpoint(tmp_path):
+    cfg = tiny()
+    setup = training_setup(cfg, "lsgm")
+    inner = setup.objective
+
+    def poisoned(models, batch, generator):
+        if batch.step == 4:
+            with torch.no_grad():
+                models["sgm"].mixing_logit.fill_(float("nan"))
+        return inner(models, batch, generator)
+
+    setup.objective = poisoned
+    with pytest.raises(TrainingDiverged, match=r"step 4: .*step_00000003\.json"):
+        train(cfg, tmp_path, setup=setup, stage="lsgm", progress=False, log=lambda *_: None)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [3]
+
+
+def test_vae_checkpoint_of_another_architecture_is_refused(tmp_path):
+    vae_run = _run(tmp_path, "vae", tiny(), stage="vae")
+    other = copy.deepcopy(TINY["model"])
+    other["vae"]["num_channels_enc"] = 16
+    with pytest.raises(ConfigError, match="num_channels_enc: checkpoint 8 vs now 16"):
+        lsgm_setup(tiny(model=other, lsgm={"vae_checkpoint": str(vae_run.checkpoint)}))
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def _config_file(tmp_path, **sections) -> str:
+    path = tmp_path / "lsgm_tiny.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(tiny(**sections).to_dict()))))
+    return str(path)
+
+
+def test_cli_trains_both_stages_then_samples_and_evaluates_the_bound(tmp_path, capsys):
+    config = _config_file(tmp_path)
+    vae_out, lsgm_out = tmp_path / "vae", tmp_path / "lsgm"
+    assert main(["train", "--config", config, "--out", str(vae_out), "--no-progress"]) == 2
+    assert "--stage vae" in capsys.readouterr().err
+    assert main(["train", "--config", config, "--stage", "vae", "--out", str(vae_out),
+                 "--no-progress"]) == 0
+    vae_ckpt = ckpt.list_checkpoints(vae_out / "checkpoints")[-1][1]
+    assert main(["train", "--config", config, "--stage", "lsgm", "--out", str(lsgm_out),
+                 "--vae-checkpoint", str(vae_ckpt), "--no-progress"]) == 0
+    lsgm_ckpt = ckpt.list_checkpoints(lsgm_out / "checkpoints")[-1][1]
+    capsys.readouterr()
+    results = {}
+    for name, path in (("vae", vae_ckpt), ("lsgm", lsgm_ckpt)):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", "--metric", "nll", "--checkpoint", str(path), "--num-samples", "6",
+                     "--batch-size", "3", "--json", str(out)]) == 0
+        results[name] = json.loads(out.read_text())
+    for r in results.values():
+        assert {"nll_nats", "nll_sem", "bpd", "nfe"} <= r.keys()
+        assert r["nll_nats"] > 0 and r["nll_sem"] > 0
+        assert r["bpd"] == pytest.approx(r["nll_nats"] / (64 * math.log(2)))
+    assert results["vae"]["nfe"] == 0 and results["lsgm"]["nfe"] > 0
+    png = tmp_path / "s.png"
+    assert main(["sample", "--checkpoint", str(lsgm_ckpt), "--n", "4", "--method", "em",
+                 "--steps", "5", "--out", str(png)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["nfe"] == 6
+    assert png.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_lsgm_resumes_exactly_after_kill9(tmp_path, replay_seed):
+    config = _config_file(tmp_path, train={"n_iters": 60, "ckpt_every": 5})
+
+    def command(out, resume):
+        cmd = [sys.executable, "-m", "lsgm_edu", "train", "--config", config, "--stage", "lsgm",
+               "--out", str(out), "--no-progress"]
+        return cmd + (["--resume"] if resume else [])
+
+    tensors = _kill_and_resume(command, tmp_path, 60, 5, replay_seed, (8, 45))
+    # two models, two optimizers, the EMA on the score prior only
+    assert {k.split("/")[1] for k in tensors if k.startswith("opt/")} == {"vae", "sgm"}
+    assert {k.split("/")[1] for k in tensors if k.startswith("ema/")} == {"sgm"}
