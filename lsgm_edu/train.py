@@ -124,6 +124,15 @@ def warmup_lr(lr: float, warmup: int, step: int) -> float:
     return lr if warmup <= 0 else lr * min((step + 1) / warmup, 1.0)
 
 
+def cosine_lr(lr: float, lr_min: float, warmup: int, total: int, step: int) -> float:
+    """Linear warmup to `lr`, then cosine annealing to `lr_min` at step `total` (NVAE / LSGM's
+    CosineAnnealingLR, per step instead of per epoch)."""
+    if step < warmup:
+        return warmup_lr(lr, warmup, step)
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * progress))
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA ('auto' or 'bf16'), none (fp32) on CPU."""
     if precision == "fp32" or device.type != "cuda":
@@ -192,6 +201,8 @@ class ModelSpec:
     warmup: int = 0
     grad_clip: float = 0.0
     ema_rate: float | None = None
+    lr_min: float | None = None  # with total_steps: cosine annealing to lr_min after the warmup
+    total_steps: int = 0
 
     @classmethod
     def from_train_config(cls, module: nn.Module, tc, **changes) -> ModelSpec:
@@ -202,6 +213,8 @@ class ModelSpec:
         return cls(module, **{**kw, **changes})
 
     def lr_at(self, step: int) -> float:
+        if self.lr_min is not None:
+            return cosine_lr(self.lr, self.lr_min, self.warmup, self.total_steps, step)
         return warmup_lr(self.lr, self.warmup, step)
 
 
@@ -286,13 +299,16 @@ def training_setup(cfg: Config, stage: str | None = None) -> TrainingSetup:
 
 
 def vae_setup(cfg: Config) -> TrainingSetup:
-    """LSGM's first stage: the NVAE of `cfg.model.vae` alone ('vae', no EMA), `VAEObjective`.
+    """LSGM's first stage: the NVAE of `cfg.model.vae` alone ('vae', no EMA, the learning rate
+    annealed to lsgm.lr_min_vae_pretrain), `VAEObjective`.
 
     The NVAE is initialised as `build_model(cfg.model)` initialises it (the same stream)."""
     from lsgm_edu.vae import NVAE
 
     vae = NVAE(cfg.model.vae, generator=seeded_generator(cfg.train.seed, 0))
-    spec = ModelSpec.from_train_config(vae, cfg.train, ema_rate=None)
+    spec = ModelSpec.from_train_config(vae, cfg.train, ema_rate=None,
+                                       lr_min=cfg.lsgm.lr_min_vae_pretrain,
+                                       total_steps=cfg.train.n_iters)
 
     def sample(models, n, generator):
         return models["vae"].sample(n, generator, use_mean=True)
@@ -302,8 +318,8 @@ def vae_setup(cfg: Config) -> TrainingSetup:
 
 
 def lsgm_setup(cfg: Config, sde=None) -> TrainingSetup:
-    """LSGM end to end: 'vae' (from lsgm.vae_checkpoint, at lsgm.lr_vae with adam_eps_vae, no
-    EMA) and 'sgm' (the mixed score, at train.lr with the EMA of train.ema_rate),
+    """LSGM end to end: 'vae' (from lsgm.vae_checkpoint, at lsgm.lr_vae annealed to lr_min_vae,
+    with adam_eps_vae, no EMA) and 'sgm' (the mixed score, at train.lr with the EMA of train.ema_rate),
     `LSGMObjective`."""
     from lsgm_edu import lsgm
 
@@ -313,7 +329,8 @@ def lsgm_setup(cfg: Config, sde=None) -> TrainingSetup:
         models["vae"].load_state_dict(load_vae_weights(cfg.lsgm.vae_checkpoint, cfg))
     tc, lc = cfg.train, cfg.lsgm
     specs = {"vae": ModelSpec.from_train_config(models["vae"], tc, lr=lc.lr_vae,
-                                                eps=lc.adam_eps_vae, ema_rate=None),
+                                                eps=lc.adam_eps_vae, ema_rate=None,
+                                                lr_min=lc.lr_min_vae, total_steps=tc.n_iters),
              "sgm": ModelSpec.from_train_config(models["sgm"], tc)}
 
     def sample(models, n, generator):

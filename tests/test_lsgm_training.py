@@ -21,6 +21,7 @@ from lsgm_edu.configs import ConfigError, config_from_dict, load_config
 from lsgm_edu.nets import build_model
 from lsgm_edu.objectives import Batch, BatchGenerator
 from lsgm_edu.train import (
+    ModelSpec,
     TrainingDiverged,
     TrainState,
     lsgm_setup,
@@ -130,6 +131,15 @@ def test_stage_is_required_for_an_lsgm_and_refused_for_a_unet():
 
 
 # --- the trainer -------------------------------------------------------------------------------
+
+
+def test_cosine_schedule_warms_up_then_anneals_to_its_minimum():
+    spec = ModelSpec(torch.nn.Linear(1, 1), lr=1e-2, warmup=10, lr_min=1e-4, total_steps=110)
+    assert spec.lr_at(0) == pytest.approx(1e-3) and spec.lr_at(9) == pytest.approx(1e-2)
+    assert spec.lr_at(60) == pytest.approx((1e-2 + 1e-4) / 2)  # half way: the mean
+    assert spec.lr_at(110) == pytest.approx(1e-4) and spec.lr_at(500) == pytest.approx(1e-4)
+    lrs = [spec.lr_at(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone after the warmup
 
 
 def _batch(cfg, step=0):

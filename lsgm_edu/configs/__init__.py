@@ -122,6 +122,7 @@ class LSGMTrainConfig:
     vae_pretrain_iters: int = 78_000  # train_vae.py --epochs x iterations per epoch
     vae_pretrain_batch_size: int = 256  # global batch of the VAE pre-training
     lr_vae_pretrain: float = 1e-2  # --learning_rate of train_vae.py (Adamax there, AdamW here)
+    lr_min_vae_pretrain: float = 1e-4  # --learning_rate_min: cosine annealing's end
     kl_anneal_portion: float = 0.3  # --kl_anneal_portion
     kl_const_portion: float = 1e-4  # --kl_const_portion
     kl_const_coeff: float = 1e-4  # --kl_const_coeff
@@ -131,6 +132,7 @@ class LSGMTrainConfig:
     # stage "lsgm"
     vae_checkpoint: str | None = None  # the stage-"vae" checkpoint (sidecar .json) to start from
     lr_vae: float = 1e-4  # --learning_rate_vae
+    lr_min_vae: float = 1e-5  # --learning_rate_min_vae (the SGM's rate stays at train.lr)
     adam_eps_vae: float = 1e-3  # the VAE's Adam eps (the SGM's is train.adam_eps)
     weight_decay_norm_sgm: float = 0.0  # --weight_decay_norm_dae (GroupNorm max|γ| terms)
     iw_sample_p: str = "drop_all_iw"  # the SGM's time sampler and weighting (lsgm.P_WEIGHTINGS)
@@ -379,6 +381,9 @@ def _validate_lsgm(cfg: Config) -> None:
                 "adam_eps_vae", "kl_max_coeff"):
         if not getattr(lc, key) > 0:
             raise ConfigError(f"lsgm.{key} must be > 0, got {getattr(lc, key)}")
+    for key, top in (("lr_min_vae_pretrain", "lr_vae_pretrain"), ("lr_min_vae", "lr_vae")):
+        if not 0 <= getattr(lc, key) <= getattr(lc, top):
+            raise ConfigError(f"lsgm.{key} must lie in [0, lsgm.{top}], got {getattr(lc, key)}")
     for key in ("kl_anneal_portion", "kl_const_portion", "kl_anneal_portion_lsgm"):
         if not 0.0 <= getattr(lc, key) <= 1.0:
             raise ConfigError(f"lsgm.{key} must be in [0, 1], got {getattr(lc, key)}")
