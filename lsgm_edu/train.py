@@ -183,6 +183,51 @@ def _barrier(d: Dist) -> None:
         dist.barrier()
 
 
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover every process's rows: what nn.SyncBatchNorm
+    does on CUDA, for CPU (gloo) runs, where it is not available. Mean, then variance, are summed
+    over processes by differentiable all-reduces, so N processes compute what one process with
+    the global batch computes; running statistics are updated as BatchNorm2d updates them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims, shape = (0, 2, 3), (1, -1, 1, 1)
+        count = all_reduce(x.new_tensor([x.numel() / x.shape[1]]))
+        mean = all_reduce(x.sum(dims)) / count
+        var = all_reduce((x - mean.reshape(shape)).pow(2).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = (self.momentum if self.momentum is not None
+                     else 1.0 / float(self.num_batches_tracked))
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), m)
+        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+        return y * self.weight.reshape(shape) + self.bias.reshape(shape) if self.affine else y
+
+
+def synchronize_batchnorm(module: nn.Module, cuda: bool) -> nn.Module:
+    """Batch statistics over all processes: nn.SyncBatchNorm on CUDA, `GlobalBatchNorm2d` on
+    CPU. Parameters and buffers are shared with the originals (optimizers stay valid)."""
+    if cuda:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats)
+            new.weight, new.bias = child.weight, child.bias
+            new.running_mean, new.running_var = child.running_mean, child.running_var
+            new.num_batches_tracked = child.num_batches_tracked
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            synchronize_batchnorm(child, cuda)
+    return module
+
+
 # --- named models, their optimizers and EMAs ------------------------------------------------
 
 
@@ -733,8 +778,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
             m.to(memory_format=torch.channels_last)
 
     def wrap(module):
-        if d.world_size > 1 and cuda:  # batch statistics over all processes (the VAE's BN)
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        if d.world_size > 1:  # batch statistics over all processes (the VAE's BN)
+            module = synchronize_batchnorm(module, cuda)
         if d.world_size > 1:
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[d.device.index] if cuda else None)
