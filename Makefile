@@ -21,7 +21,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 LAB_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install lab notebooks test check-book screenshots site bench clean
+.PHONY: help install lab notebooks test test-heavy check-book screenshots site bench clean
 
 help:
 	@sed -n '2,5p' Makefile | sed 's/^# *//'
@@ -59,8 +59,12 @@ test: $(STAMP)
 	for f in $(CHAPTERS); do \
 	  $(BIN)/jupytext --quiet --to ipynb -o $(BUILD)/notebooks/$$(basename $${f%.md}).ipynb $$f || exit 1; \
 	done
-	LSGM_EDU_FAST=1 $(PY) -m pytest tests $(BUILD)/notebooks --nbval-lax \
+	LSGM_EDU_FAST=1 $(PY) -m pytest tests $(BUILD)/notebooks --nbval-lax -m "not heavy" \
 	  --durations=15 $(PYTEST_ARGS)
+
+# The paper-size models' forward and backward passes on the CPU (minutes each, ~10 GiB).
+test-heavy: $(STAMP)
+	$(PY) -m pytest tests -m heavy --durations=0 $(PYTEST_ARGS)
 
 # Offline: broken cross-references, citations, directives or roles fail, and chapters missing
 # from the toc or from book/index.md (tests run it too). With outputs from `make test`:

@@ -102,6 +102,32 @@ def test_paper_configs_have_the_reference_parameter_counts(name):
     assert models["sgm"].mixing_logit.shape == (1, latent[0], 1, 1)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [  # CIFAR-10 and CelebA-HQ: ~0.5 B parameters, `make test-heavy`
+    pytest.param(n, marks=pytest.mark.heavy) if n.startswith(("lsgm_cifar10", "lsgm_celebahq"))
+    else n for n in PAPER])
+def test_paper_size_lsgm_runs_a_forward_and_backward_at_batch_one(name):
+    """Both losses of the end-to-end objective, and a gradient for every parameter. (Spectral
+    regularization is off: its power iterations cost more than the model on a CPU; tests/
+    test_vae.py checks it.)"""
+    cfg = load_config(name, ["lsgm.weight_decay_norm_vae=0", "lsgm.weight_decay_norm_sgm=0"])
+    setup = training_setup(cfg, "lsgm")
+    models = {n: spec.module for n, spec in setup.models.items()}
+    c, size = cfg.model.vae.num_channels, cfg.model.vae.image_size
+    x = torch.rand(1, c, size, size, generator=torch.Generator().manual_seed(0))
+    if cfg.model.vae.decoder == "bernoulli":
+        x = x.round()
+    losses, logs = setup.objective(models, Batch(x, None, 0),
+                                   BatchGenerator(torch.Generator().manual_seed(1), 1))
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    for name_, loss in losses.items():
+        loss.mean().backward(inputs=list(models[name_].parameters()), retain_graph=True)
+    missing = [f"{m}/{p}" for m in models for p, t in models[m].named_parameters()
+               if t.grad is None]
+    assert not missing, missing[:5]
+    assert torch.isfinite(logs["nelbo"]).all()
+
+
 def test_book_config_is_small_and_its_stages_differ_only_in_the_train_section():
     cfg = load_config("lsgm_mnist_book")
     models = build_model(cfg.model)
