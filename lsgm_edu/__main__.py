@@ -137,7 +137,7 @@ def cmd_likelihood(args) -> int:
     ds = data_module.load_dataset(cfg.data.dataset, args.split, args.data_dir or cfg.data.data_dir)
     n = min(args.n, len(ds))
     data_range = (-1.0, 1.0) if cfg.data.centered else (0.0, 1.0)
-    bpds = []
+    bpds, nfes = [], []
     for start in range(0, n, args.batch_size):
         index = range(start, min(start + args.batch_size, n))
         xs = torch.stack([ds[i][0] for i in index])
@@ -149,12 +149,14 @@ def cmd_likelihood(args) -> int:
                              eps=cfg.train.eps, n_bins=ds.num_levels, data_range=data_range,
                              generator=seeded_generator(args.seed, 7, start))
         bpds.append(res.bpd.cpu())
+        nfes.append(res.nfe)
         print(f"{start + len(xs)}/{n}: bits/dim so far {torch.cat(bpds).mean():.4f}",
               file=sys.stderr)
     bpd = torch.cat(bpds)
     _write_json({
         "checkpoint": str(args.checkpoint), "dataset": cfg.data.dataset, "split": args.split,
         "n": n, "bits_per_dim": float(bpd.mean()), "stderr": float(bpd.std() / n**0.5),
+        "nfe": sum(nfes) / len(nfes),
         "protocol": f"uniform dequantization with {ds.num_levels} levels (noise of image i "
                     f"from seed derived_seed({args.seed}, 6, i)), PF-ODE dopri5 "
                     f"rtol=atol={args.tol}, Hutchinson (1 Rademacher probe), eps={cfg.train.eps}",
@@ -185,13 +187,14 @@ def _to_8bit(levels_uint8, num_levels):
     return to_8bit(levels_uint8, num_levels)
 
 
-def sample_batches(model, cfg, n, batch_size, seed, device, y=None, progress=True):
+def sample_batches(model, cfg, n, batch_size, seed, device, y=None, progress=True, nfe=None):
     """Yield n samples of a checkpoint as integer levels (uint8, CPU), batch by batch.
 
     Image i is drawn from its own generator, seeded by derived_seed(seed, 8, i)
     (`PerSampleGenerators`), so it does not depend on the batch size. Samples are mapped back
     to the data's levels by `data.to_uint8` with the rounding rule of the training
-    discretization. Nothing is kept between batches.
+    discretization. Nothing is kept between batches. `nfe` (a list) receives each batch's score
+    evaluations per sample.
     """
     from tqdm.auto import tqdm
 
@@ -206,11 +209,14 @@ def sample_batches(model, cfg, n, batch_size, seed, device, y=None, progress=Tru
         index = range(start, min(start + batch_size, n))
         generator = PerSampleGenerators.seeded(
             [derived_seed(seed, SAMPLE_SEED_STREAM, i) for i in index], device)
-        yield to_uint8(
-            sample_images(model, model.sde, cfg.sampling, len(index), eps=cfg.sampling.eps,
-                          generator=generator, device=device, progress=progress and one_batch,
-                          y=None if y is None else y[index.start : index.stop]),
-            levels, discretization=discretization, centered=cfg.data.centered).cpu()
+        x, batch_nfe = sample_images(
+            model, model.sde, cfg.sampling, len(index), eps=cfg.sampling.eps,
+            generator=generator, device=device, progress=progress and one_batch,
+            y=None if y is None else y[index.start : index.stop], return_nfe=True)
+        if nfe is not None:
+            nfe.append(batch_nfe)
+        yield to_uint8(x, levels, discretization=discretization,
+                       centered=cfg.data.centered).cpu()
 
 
 def _sampler_info(cfg) -> dict:
@@ -243,6 +249,7 @@ def cmd_eval(args) -> int:
     levels, discretization = _num_levels(cfg), _discretization(cfg)
     result = {"checkpoint": str(args.checkpoint), "config": cfg.name, "num_samples": n,
               "sampler": _sampler_info(cfg), "seed": args.seed}
+    nfe: list[float] = []  # score evaluations per sample, one entry per batch
     seeds = (f"image i drawn with its own generator seeded by derived_seed({args.seed}, "
              f"{SAMPLE_SEED_STREAM}, i), so results do not depend on --batch-size; samples "
              f"mapped to the data's {levels} levels by the inverse of the training "
@@ -253,14 +260,14 @@ def cmd_eval(args) -> int:
         ref = data_module.load_dataset(cfg.data.dataset, args.split, args.data_dir)
         ref_images = ref.data[: args.num_reference] if args.num_reference else ref.data
         samples = torch.cat(list(sample_batches(model, cfg, n, args.batch_size, args.seed,
-                                                 args.device)))  # small images: kept
+                                                 args.device, nfe=nfe)))  # small images: kept
         result.update(
             metric="classifier-fid",
             classifier_fid=metrics.classifier_fid(samples, ref_images, classifier),
             classifier_fid_data_vs_data=metrics.classifier_fid(  # interleaved: splits are sorted
                 ref_images[0::2], ref_images[1::2], classifier),
             reference=f"{cfg.data.dataset} {args.split} split, {len(ref_images)} images",
-            classifier=str(args.classifier),
+            classifier=str(args.classifier), nfe=sum(nfe) / len(nfe),
             protocol=f"Frechet distance of the classifier's penultimate features (128-d); "
                      f"{seeds}")
         _write_json(result, args.json)
@@ -269,7 +276,7 @@ def cmd_eval(args) -> int:
     extractor = metrics.InceptionFeatures(args.inception_weights).to(args.device)
     ref_stats = _reference_statistics(args, cfg, extractor, levels)
     batches = (_to_8bit(b, levels) for b in sample_batches(model, cfg, n, args.batch_size,
-                                                              args.seed, args.device))
+                                                              args.seed, args.device, nfe=nfe))
     is_splits = min(10, n)
     gen = metrics.stream_sample_statistics(batches, extractor, n, is_splits=is_splits,
                                            keep_features=args.kid_features, device=args.device,
@@ -279,7 +286,8 @@ def cmd_eval(args) -> int:
                          f"{ref_stats.mu.shape[0]}, the samples {gen.stats.mu.shape[0]}")
     fid = metrics.frechet_distance(gen.stats.mu, gen.stats.sigma, ref_stats.mu, ref_stats.sigma)
     kid, kid_protocol = _kid(args, gen.features, ref_stats)
-    result.update(metric="fid", fid=fid, inception_score=gen.inception_score[0],
+    result.update(metric="fid", fid=fid, nfe=sum(nfe) / len(nfe),
+                  inception_score=gen.inception_score[0],
                   inception_score_std=gen.inception_score[1],
                   kid=None if kid is None else kid[0], kid_std=None if kid is None else kid[1],
                   reference_statistics=ref_stats.source or str(args.ref_stats),

@@ -651,8 +651,9 @@ def plot_loss_curve(log_path: str | Path, out_png: str | Path) -> Path:
 
 @torch.no_grad()
 def sample_images(score_model, sde, cfg_sampling, n, *, steps=None, y=None, generator=None,
-                  device=None, progress=False, eps=1e-3):
-    """n samples [n, C, H, W] in model space with the sampler of `cfg.sampling`."""
+                  device=None, progress=False, eps=1e-3, return_nfe=False):
+    """n samples [n, C, H, W] in model space with the sampler of `cfg.sampling`; with
+    `return_nfe`, also the score evaluations per sample (measured for the adaptive ODE)."""
     from lsgm_edu import samplers
 
     mc = score_model.net.config
@@ -662,12 +663,15 @@ def sample_images(score_model, sde, cfg_sampling, n, *, steps=None, y=None, gene
     kw = {"eps": eps, "generator": generator, "device": device, "progress": progress}
     if cfg_sampling.method == "pc":
         predictor = "reverse_diffusion" if steps == sde.N else "euler_maruyama"
-        return samplers.predictor_corrector(sde, score_fn, shape, steps, cfg_sampling.snr,
-                                            cfg_sampling.n_corrector, predictor=predictor, **kw)
-    if cfg_sampling.method == "em":
-        return samplers.euler_maruyama(sde, score_fn, shape, steps, **kw)
-    kw.pop("progress")
-    return samplers.probability_flow(sde, score_fn, shape, **kw)
+        x = samplers.predictor_corrector(sde, score_fn, shape, steps, cfg_sampling.snr,
+                                         cfg_sampling.n_corrector, predictor=predictor, **kw)
+        nfe = steps * (1 + cfg_sampling.n_corrector)
+    elif cfg_sampling.method == "em":
+        x, nfe = samplers.euler_maruyama(sde, score_fn, shape, steps, **kw), steps
+    else:
+        kw.pop("progress")
+        x, nfe = samplers.probability_flow(sde, score_fn, shape, return_nfe=True, **kw)
+    return (x, nfe) if return_nfe else x
 
 
 def save_image_grid(images01: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:

@@ -60,7 +60,8 @@ def test_cli_likelihood_reports_bits_per_dim(digits_run, tmp_path):
     out2 = tmp_path / "eval.json"
     assert main(["eval", "--metric", "bpd", "--checkpoint", str(digits_run.checkpoint),
                  "--num-samples", "4", "--batch-size", "4", "--json", str(out2)]) == 0
-    assert json.loads(out2.read_text())["n"] == 4
+    res2 = json.loads(out2.read_text())
+    assert res2["n"] == 4 and res2["nfe"] > 2  # adaptive dopri5: drift evaluations, measured
 
 
 def test_cli_classifier_fid_separates_noise_from_digits(tmp_path):
@@ -75,6 +76,8 @@ def test_cli_classifier_fid_separates_noise_from_digits(tmp_path):
     # 2 training steps give noise-like images: far from the digits, unlike two halves of data
     assert res["classifier_fid"] > 10 * res["classifier_fid_data_vs_data"]
     assert res["num_samples"] == 100 and res["sampler"]["steps"] == 5
+    n_corrector = cfg.sampling.n_corrector  # predictor-corrector: steps x (1 + correctors)
+    assert res["nfe"] == 5 * (1 + n_corrector)
 
 
 def test_cli_inception_fid_with_local_weights_and_saved_statistics(
@@ -92,7 +95,7 @@ def test_cli_inception_fid_with_local_weights_and_saved_statistics(
                  "--batch-size", "8", "--steps", "3", "--inception-weights", str(weights),
                  "--ref-stats", str(tmp_path / "ref.npz"), "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["fid"] > 0 and res["inception_score"] >= 1.0 - 1e-9
+    assert res["fid"] > 0 and res["inception_score"] >= 1.0 - 1e-9 and res["nfe"] > 0
     assert res["reference_statistics"] == "8 digits"
     # statistics saved without features: no KID, and the JSON says why
     assert res["kid"] is None and "KID: not computed" in res["protocol"]
