@@ -310,10 +310,12 @@ def _lsgm_eval(args) -> int:
     from lsgm_edu import lsgm
     from lsgm_edu.train import load_lsgm, seeded_generator
 
-    if args.metric != "nll":
-        raise ValueError(f"eval --metric {args.metric}: for an LSGM checkpoint only --metric nll "
-                         f"is implemented so far")
+    if args.metric not in ("nll", "classifier-fid"):
+        raise ValueError(f"eval --metric {args.metric}: an LSGM checkpoint is evaluated with "
+                         f"--metric nll or classifier-fid")
     models, sde, cfg = load_lsgm(args.checkpoint, device=args.device)
+    if args.metric == "classifier-fid":
+        return _lsgm_classifier_fid(args, models, sde, cfg)
     ds = data_module.load_dataset(cfg.data.dataset, args.split, args.data_dir or cfg.data.data_dir)
     n = min(args.num_samples or cfg.eval.bpd_num_samples, len(ds))
     info, vc = data_module.DATASETS[cfg.data.dataset], cfg.model.vae
@@ -350,6 +352,50 @@ def _lsgm_eval(args) -> int:
                      + ("; test images dynamically binarized, image i with u from "
                         f"derived_seed({args.seed}, 6, i)" if info.binarize else "")),
     }, args.json)
+    return 0
+
+
+def _lsgm_classifier_fid(args, models, sde, cfg) -> int:
+    """Classifier-FID of an LSGM's (or its VAE's) decoder-mean images against the grey test
+    images, both cropped by the VAE's crop_output (28 x 28 for padded MNIST)."""
+    import torch
+
+    from lsgm_edu import data as data_module
+    from lsgm_edu import lsgm, metrics
+    from lsgm_edu.train import seeded_generator
+
+    classifier = metrics.load_classifier(args.classifier, device="cpu")
+    method = args.method or cfg.sampling.method
+    n, c = args.num_samples or cfg.eval.num_samples, cfg.model.vae.crop_output
+    images, nfe = [], []
+    for start in range(0, n, args.batch_size):
+        size = min(args.batch_size, n - start)
+        g = seeded_generator(args.seed, SAMPLE_SEED_STREAM, start, device=args.device)
+        if sde is None:
+            x, batch_nfe = models["vae"].sample(size, g, use_mean=True), 0
+        else:
+            x, batch_nfe = lsgm.sample_images(models, sde, size, method=method, generator=g,
+                                              steps=args.steps or cfg.sampling.steps,
+                                              eps=cfg.sampling.eps, rtol=args.tol, atol=args.tol)
+        images.append((x.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+        nfe.append(batch_nfe)
+    samples = torch.cat(images)
+    ref = data_module.load_dataset(cfg.data.dataset, args.split, args.data_dir).data
+    if args.num_reference:
+        ref = ref[: args.num_reference]
+    if c:
+        samples, ref = samples[..., c:-c, c:-c], ref[..., c:-c, c:-c]
+    _write_json({
+        "checkpoint": str(args.checkpoint), "config": cfg.name, "metric": "classifier-fid",
+        "num_samples": n, "method": method if sde is not None else "vae prior",
+        "tol": args.tol if sde is not None and method == "ode" else None,
+        "nfe": sum(nfe) / len(nfe),
+        "classifier_fid": metrics.classifier_fid(samples, ref, classifier),
+        "classifier_fid_data_vs_data": metrics.classifier_fid(ref[0::2], ref[1::2], classifier),
+        "reference": f"{cfg.data.dataset} {args.split} split (grey), {len(ref)} images",
+        "protocol": f"decoder-mean images (255 p rounded), batch k seeded by derived_seed("
+                    f"{args.seed}, {SAMPLE_SEED_STREAM}, k * batch_size), cropped by {c} px"},
+        args.json)
     return 0
 
 
@@ -424,8 +470,12 @@ def cmd_train_classifier(args) -> int:
 def cmd_export(args) -> int:
     from lsgm_edu.train import export_ema
 
-    path = export_ema(args.checkpoint, args.out, note=args.note)
-    print(f"wrote the EMA weights of {args.checkpoint} to {path.with_suffix('.safetensors')}")
+    evaluation = None
+    if args.evaluation:
+        evaluation = {Path(f).stem: json.loads(Path(f).read_text()) for f in args.evaluation}
+    path = export_ema(args.checkpoint, args.out, note=args.note, evaluation=evaluation)
+    print(f"wrote the weights to evaluate (EMA where the run kept one) of {args.checkpoint} to "
+          f"{path.with_suffix('.safetensors')}")
     return 0
 
 
@@ -540,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="output stem: writes OUT.safetensors, OUT.json")
     p.add_argument("--note", default="")
+    p.add_argument("--evaluation", nargs="+", metavar="JSON",
+                   help="results of eval to keep in the sidecar, by file name (e.g. nll.json)")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("prepare-celebahq", help="build the CelebA-HQ 256 folder from 1024 images")

@@ -976,10 +976,12 @@ def load_score_model(path: str | Path, *, ema: bool = True, device="cpu", name: 
     return ScoreModel(net.to(device).eval(), sde, centered=cfg.data.centered), cfg
 
 
-def export_ema(checkpoint_path: str | Path, out_stem: str | Path, note: str = "") -> Path:
+def export_ema(checkpoint_path: str | Path, out_stem: str | Path, note: str = "",
+               evaluation: dict | None = None) -> Path:
     """Write only the weights to evaluate and the config (what the book ships):
     `<out_stem>.{safetensors,json}`. Each model keeps its EMA weights, or its weights where it
-    has no EMA (an LSGM's VAE); optimizer states are dropped."""
+    has no EMA (an LSGM's VAE); optimizer states are dropped. `evaluation` (e.g. the JSON of
+    `eval`) is kept in the sidecar."""
     tensors, meta = ckpt.load_checkpoint(checkpoint_path)
     ema_tensors = {k: v for k, v in tensors.items() if k.startswith("ema/")}
     for name in meta.get("models", []):
@@ -987,7 +989,8 @@ def export_ema(checkpoint_path: str | Path, out_stem: str | Path, note: str = ""
             ema_tensors.update({k: v for k, v in tensors.items() if k.startswith(f"{name}/")})
     small = {"kind": "ema", "step": meta["step"], "config": meta["config"], "note": note,
              "torch": meta.get("torch"), "exported_from": Path(checkpoint_path).name,
-             "state_layout": meta.get("state_layout"), "models": meta.get("models")}
+             "state_layout": meta.get("state_layout"), "models": meta.get("models"),
+             "evaluation": evaluation}
     return ckpt.save_checkpoint(out_stem, ema_tensors, {k: v for k, v in small.items()
                                                         if v is not None})
 
