@@ -2,7 +2,9 @@
 
 One full optimisation step, `lsgm_edu.train.train_step` as the trainer runs it (the DSM
 objective forward + backward, gradient clipping, AdamW, EMA), on synthetic images of the config's
-shape, timed after warm-up.
+shape, timed after warm-up. For an LSGM config it is the end-to-end stage "lsgm" step
+(`training_setup(cfg, "lsgm")`: the VAE and the latent score prior, each descending its own loss,
+the VAE initialised at random since no lsgm.vae_checkpoint is read).
 FLOPs per step are counted once with torch.utils.flop_counter (matmuls and convolutions,
 forward + backward). MFU = achieved FLOP/s / peak FLOP/s, where the peak is the GPU's dense
 bf16 (or fp32) datasheet figure, or on CPU the FLOP/s of a large fp32 matmul measured here
@@ -10,6 +12,7 @@ bf16 (or fp32) datasheet figure, or on CPU the FLOP/s of a large fp32 matmul mea
 
     python benchmarks/train_step.py                                   # the book configs on CPU
     python benchmarks/train_step.py --config cifar10_ddpmpp_vp --batch-size 128 --compile
+    python benchmarks/train_step.py --config lsgm_cifar10_fid --batch-size 2 --steps 3
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch
 from lsgm_edu.checkpoint import atomic_write_text
 from lsgm_edu.configs import load_config
 from lsgm_edu.objectives import Batch, BatchGenerator
-from lsgm_edu.train import TrainState, dsm_setup, resolve_precision, train_step
+from lsgm_edu.registry import MODELS
+from lsgm_edu.train import TrainState, resolve_precision, train_step, training_setup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine
@@ -40,7 +44,12 @@ GPU_PEAKS = {
     "H200": {"bf16": 989.4e12, "fp32": 66.9e12},
     "A100": {"bf16": 312.0e12, "fp32": 19.5e12},
 }
-BOOK_RUNS = [("digits8_ddpmpp_vp", 128), ("mnist28_ddpmpp_vp", 64), ("cifar10_ddpmpp_vp", 8)]
+BOOK_RUNS = [("digits8_ddpmpp_vp", 128), ("mnist28_ddpmpp_vp", 64), ("cifar10_ddpmpp_vp", 8),
+             ("lsgm_cifar10_fid", 2)]
+
+
+def is_lsgm(cfg) -> bool:
+    return MODELS.name_of(cfg.model) == "lsgm"
 
 
 def gpu_peak(name: str, precision: str) -> float | None:
@@ -66,23 +75,37 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def backward(loss, state: TrainState) -> None:
+    """The backward pass(es) of `train_step`: one loss, or (LSGM) each model's own loss into that
+    model's parameters only."""
+    if not isinstance(loss, dict):
+        loss.float().mean().backward()
+        return
+    for i, (name, part) in enumerate(loss.items()):
+        part.float().mean().backward(inputs=list(state.modules[name].parameters()),
+                                     retain_graph=i < len(loss) - 1)
+
+
 def bench(config: str, batch_size: int, steps: int, warmup: int, device: str, precision: str,
           compile_model: bool, checkpointing: bool, overrides: list[str]) -> dict:
+    lsgm = is_lsgm(load_config(config))
+    unet = "model.sgm" if lsgm else "model"  # the U-Net's section: an LSGM's score prior
     cfg = load_config(config, [f"train.batch_size={batch_size}", f"train.precision={precision}",
-                               f"model.checkpointing={str(checkpointing).lower()}", *overrides])
+                               f"{unet}.checkpointing={str(checkpointing).lower()}", *overrides])
     dev = torch.device(device)
-    setup = dsm_setup(cfg)
+    setup = training_setup(cfg, "lsgm" if lsgm else None)
     state = TrainState(setup.models, dev)
-    net = state.modules["score"]
     cuda = dev.type == "cuda"
     if cuda and cfg.train.channels_last:
-        net.to(memory_format=torch.channels_last)
+        for net in state.modules.values():
+            net.to(memory_format=torch.channels_last)
     if compile_model and cuda:
         state.wrap(torch.compile)
     amp_dtype = resolve_precision(cfg.train.precision, dev)
     g = torch.Generator().manual_seed(0)
     c, s = cfg.model.num_channels, cfg.model.image_size
-    x0 = (torch.rand((batch_size, c, s, s), generator=g) * 2 - 1).to(dev)
+    x0 = torch.rand((batch_size, c, s, s), generator=g)
+    x0 = (x0 * 2 - 1 if cfg.data.centered else x0).to(dev)  # model space: [-1, 1] or [0, 1]
     if cuda and cfg.train.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     labels = (torch.randint(0, cfg.model.num_classes, (batch_size,), generator=g).to(dev)
@@ -91,8 +114,9 @@ def bench(config: str, batch_size: int, steps: int, warmup: int, device: str, pr
     steps_done = [0]
 
     def step():
-        stats = train_step(state, setup.objective, batch, BatchGenerator(g, batch_size, device=dev),
-                           steps_done[0], amp_dtype=amp_dtype)
+        stats = train_step(state, setup.objective, Batch(x0, labels, steps_done[0]),
+                           BatchGenerator(g, batch_size, device=dev), steps_done[0],
+                           amp_dtype=amp_dtype)
         steps_done[0] += 1
         return stats
 
@@ -105,7 +129,7 @@ def bench(config: str, batch_size: int, steps: int, warmup: int, device: str, pr
     counter = FlopCounterMode(display=False)
     with counter:  # eager, uncompiled count of one step's forward and backward
         loss, _ = setup.objective(state.modules, batch, BatchGenerator(g, batch_size, device=dev))
-        loss.float().mean().backward()
+        backward(loss, state)
     for opt in state.optimizers.values():
         opt.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
@@ -134,9 +158,10 @@ def bench(config: str, batch_size: int, steps: int, warmup: int, device: str, pr
         memory = {"peak_rss_gib_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                   / 2**20}
         peak_source = "measured fp32 2048x2048 matmul on this machine"
-    n_params = sum(p.numel() for p in net.parameters())
+    per_model = {n: sum(p.numel() for p in m.parameters()) for n, m in state.modules.items()}
     return {
-        "config": config, "batch_size": batch_size, "parameters": n_params,
+        "config": config, "batch_size": batch_size, "parameters": sum(per_model.values()),
+        **({"parameters_per_model": per_model} if len(per_model) > 1 else {}),
         "precision": "bf16 autocast" if amp_dtype is not None else "fp32",
         "compile": bool(compile_model and cuda), "activation_checkpointing": checkpointing,
         "channels_last": bool(cuda and cfg.train.channels_last),
@@ -151,7 +176,8 @@ def bench(config: str, batch_size: int, steps: int, warmup: int, device: str, pr
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="one config (default: the book configs and CIFAR-10 DDPM++)")
+    p.add_argument("--config", help="one config (default: the book configs, CIFAR-10 DDPM++ and "
+                   "LSGM's best-FID CIFAR-10 model)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
