@@ -29,6 +29,7 @@ from lsgm_edu.vae import (
     kl_coeff,
     soft_clamp,
 )
+from lsgm_edu.vae_toy import BOOK_MNIST_VAE  # the chapters' NVAE, defined once
 
 # VAEConfig kwargs of the five first-stage VAEs of the LSGM README (`train_vae.py` flags);
 # MNIST/OMNIGLOT images are padded to 32x32 and the reconstruction cropped back (nvae.py).
@@ -81,14 +82,6 @@ PAPER_PARAMS = {
 
 # The book's binarized-MNIST VAE (32x32 padded, cropped back to 28x28): 124,034 parameters,
 # a 20x8x8 latent; trains on two CPU cores in minutes.
-BOOK_MNIST_VAE = {
-    "image_size": 32, "num_channels": 1, "crop_output": 2, "num_channels_enc": 8,
-    "num_channels_dec": 8, "num_preprocess_blocks": 2, "num_preprocess_cells": 1,
-    "num_postprocess_blocks": 2, "num_postprocess_cells": 1, "num_latent_scales": 1,
-    "num_groups_per_scale": 2, "num_latent_per_group": 10, "num_cell_per_cond_enc": 1,
-    "num_cell_per_cond_dec": 1, "ch_mult": (1, 2, 4), "cell_type": "res_bnswish",
-    "use_se": True, "num_flows": 0, "decoder": "bernoulli"}
-
 # Tiny models for the behavioural tests: 8x8 images, two latent scales (2x2 top, 4x4).
 TINY = {
     "image_size": 8, "num_channels": 1, "num_channels_enc": 8, "num_channels_dec": 8,

@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from test_vae import TINY as TINY_NVAE  # 8x8 images, two latent scales (2x2 top, 4x4)
 
 from lsgm_edu.data import binarize, load_dataset
 from lsgm_edu.vae import NVAE, VAEConfig
@@ -38,16 +39,6 @@ from lsgm_edu.vae_toy import (
 )
 
 F64 = torch.float64
-
-# 8x8 images, two latent scales (2x2 top, 4x4): the tiny NVAE of tests/test_vae.py
-TINY_NVAE = {
-    "image_size": 8, "num_channels": 1, "num_channels_enc": 8, "num_channels_dec": 8,
-    "num_preprocess_blocks": 1, "num_preprocess_cells": 1, "num_postprocess_blocks": 1,
-    "num_postprocess_cells": 1, "num_latent_scales": 2, "num_groups_per_scale": 2,
-    "num_latent_per_group": 2, "num_cell_per_cond_enc": 1, "num_cell_per_cond_dec": 1,
-    "ch_mult": (1, 1, 2), "cell_type": "res_bnswish", "use_se": True, "num_flows": 0,
-    "decoder": "bernoulli"}
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
