@@ -28,13 +28,14 @@ from lsgm_edu.nets.unet import UNet, UNetConfig
 from lsgm_edu.registry import MODELS
 from lsgm_edu.sde import SDE
 from lsgm_edu.utils import randn_like
-from lsgm_edu.vae import NVAE, VAEConfig
+from lsgm_edu.vae import NVAE, VAEConfig, log_standard_normal
 
 __all__ = [
     "NELBO",
     "P_WEIGHTINGS",
     "LSGMConfig",
     "NLLBound",
+    "active_channels",
     "build_lsgm",
     "cross_entropy",
     "cross_entropy_at",
@@ -50,6 +51,7 @@ __all__ = [
     "normal_entropy",
     "p_weight",
     "sample_latent",
+    "top_kl_per_channel",
 ]
 
 
@@ -336,6 +338,36 @@ def sample_images(models, sde: SDE, n: int, *, method: str = "ode", use_mean: bo
 
 
 # --- likelihood ----------------------------------------------------------------------------------
+
+
+def top_kl_per_channel(vae: NVAE, x: torch.Tensor, generator=None) -> torch.Tensor:
+    """KL(q(z0 | x) || N(0, I)) of each channel of the top latent z0 (summed over its pixels),
+    one-sample estimate log q - log N at z0 ~ q(z0 | x), [B, C] (LSGM `infer_active_variables`)."""
+    out = vae(x, generator)
+    top = vae.groups_per_scale[0]
+    log_normal = [log_standard_normal(e).sum(dim=(2, 3)) for e in out.eps[:top]]
+    return torch.cat([q - n for q, n in zip(out.log_q_per_channel[:top], log_normal)], dim=1)
+
+
+@torch.no_grad()
+def active_channels(vae: NVAE, batches, threshold: float = 0.1, generator=None) -> torch.Tensor:
+    """LSGM's active latent variables: the top-latent channels whose KL from N(0, I), averaged
+    over the images of `batches` (an iterable of [B, C, H, W] in [0, 1]), exceeds `threshold`
+    nats; bool [C]. The rest carry no information: the score prior leaves them N(0, I)
+    (`MixedScore.set_active`)."""
+    was_training = vae.training
+    vae.eval()
+    try:
+        total, count = None, 0
+        for x in batches:
+            kl = top_kl_per_channel(vae, x, generator).double().sum(0)
+            total = kl if total is None else total + kl
+            count += x.shape[0]
+    finally:
+        vae.train(was_training)
+    if count == 0:
+        raise ValueError("active_channels: `batches` gave no images")
+    return total / count > threshold
 
 
 class NLLBound(NamedTuple):

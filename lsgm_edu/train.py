@@ -269,13 +269,16 @@ class TrainingSetup:
 
     `sample(models, n, generator)` (optional) returns n images in [0, 1] for the periodic grids
     from the EMA models; `result_model(models)` (optional) is what `TrainResult.score_model`
-    holds.
+    holds; `prepare(models, batches, log)` (optional) runs once before step 0 of a fresh run
+    (not on resume: the checkpoint holds what it did), `batches` being a function that yields
+    training batches as the objective sees them; the EMA copies are then set to the models.
     """
 
     models: dict[str, ModelSpec]
     objective: Callable
     sample: Callable | None = None
     result_model: Callable | None = None
+    prepare: Callable | None = None
 
     def __post_init__(self):
         for name in self.models:
@@ -385,7 +388,21 @@ def lsgm_setup(cfg: Config, sde=None) -> TrainingSetup:
         return images
 
     return TrainingSetup(specs, LSGMObjective.from_config(cfg, sde), sample,
-                         lambda models: nn.ModuleDict(models))
+                         lambda models: nn.ModuleDict(models),
+                         prepare=_drop_inactive_channels if lc.drop_inactive_var else None)
+
+
+def _drop_inactive_channels(models, batches, log) -> None:
+    """LSGM's `--drop_inactive_var`: channels of the top latent whose average KL is at most
+    lsgm.inactive_threshold nats stay N(0, I) in the score prior (`MixedScore.set_active`)."""
+    from lsgm_edu import lsgm
+
+    cfg = batches.cfg
+    active = lsgm.active_channels(models["vae"], batches(cfg.lsgm.inactive_batches),
+                                  cfg.lsgm.inactive_threshold)
+    models["sgm"].set_active(active)
+    log(f"drop_inactive_var: {int(active.sum())} of {active.numel()} top-latent channels active "
+        f"(KL > {cfg.lsgm.inactive_threshold:g} nat); the others stay N(0, I)")
 
 
 def load_vae_weights(path: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
@@ -425,6 +442,11 @@ class TrainState:
         self.emas = {n: copy.deepcopy(self.modules[n]).requires_grad_(False)
                      for n, s in specs.items() if s.ema_rate is not None}
         self.forward = dict(self.modules)
+
+    def sync_emas(self) -> None:
+        """Set every EMA copy to its model (after a change made before step 0)."""
+        for name, ema in self.emas.items():
+            ema.load_state_dict(self.modules[name].state_dict())
 
     def wrap(self, fn: Callable[[nn.Module], nn.Module]) -> None:
         self.forward = {n: fn(m) for n, m in self.modules.items()}
@@ -721,6 +743,25 @@ def _prepare_batch(x_uint8, step_gen, cfg, num_levels, rank_slice, device):
     return data_module.random_flip(x, flip=flip.to(device)) if cfg.data.random_flip else x
 
 
+class _TrainingBatches:
+    """Calling it with n yields the first n global training batches (the dataset's order, no
+    shuffling) prepared as the trainer prepares them, with noise seeded by derived_seed(seed, 7)."""
+
+    def __init__(self, dataset, cfg: Config, num_levels: int, device):
+        self.dataset, self.cfg, self.num_levels, self.device = dataset, cfg, num_levels, device
+
+    def __call__(self, n: int):
+        b = self.cfg.train.batch_size
+        count = min(n, len(self.dataset) // b)
+        if count < 1:
+            raise ConfigError(f"train.batch_size={b} exceeds the {len(self.dataset)} images of "
+                              f"the training set")
+        gen = seeded_generator(self.cfg.train.seed, 7)
+        for k in range(count):
+            x = torch.stack([torch.as_tensor(self.dataset[i][0]) for i in range(k * b, (k + 1) * b)])
+            yield _prepare_batch(x, gen, self.cfg, self.num_levels, slice(None), self.device)
+
+
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str | None = None,
           dataset=None, progress: bool = True, log=print,
           setup: TrainingSetup | None = None, stage: str | None = None) -> TrainResult:
@@ -773,6 +814,10 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
             log(f"resuming from step {start} ({last_ckpt})")
     elif resume and ckpt.list_checkpoints(ckpt_dir):
         raise ckpt.CheckpointError(f"{ckpt_dir}: no usable checkpoint to resume from")
+    if found is None and setup.prepare is not None:
+        setup.prepare(state.modules, _TrainingBatches(dataset, cfg, num_levels, d.device),
+                      log if d.main else (lambda *_: None))
+        state.sync_emas()
     if d.main:
         ckpt.atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -18,6 +18,7 @@ import yaml
 
 from lsgm_edu import checkpoint as ckpt
 from lsgm_edu import data as data_module
+from lsgm_edu import lsgm
 from lsgm_edu.__main__ import main
 from lsgm_edu.configs import ConfigError, config_from_dict, load_config
 from lsgm_edu.nets import build_model
@@ -145,6 +146,7 @@ def test_book_config_is_small_and_its_stages_differ_only_in_the_train_section():
     ("lsgm", {"time_eps": 0.0}, "lsgm.time_eps"),
     ("lsgm", {"iw_sample_p": "ll_iww"}, "lsgm.iw_sample_p"),
     ("lsgm", {"lr_vae": 0.0}, "lsgm.lr_vae"),
+    ("lsgm", {"inactive_batches": 0}, "lsgm.inactive_batches"),
 ])
 def test_bad_lsgm_configs_are_refused_naming_the_key(section, change, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -357,3 +359,66 @@ def test_lsgm_two_processes_equal_one_process(tmp_path):
     moved = max((a[f"vae/{k}"] - v).abs().max().item()
                 for k, v in start["vae"].state_dict().items() if v.is_floating_point())
     assert moved > 1e-3, "the VAE did not train, so the equality would prove nothing"
+
+
+# --- inactive latent channels (LSGM's --drop_inactive_var) ----------------------------------------
+
+
+def _vae_with_silent_group(cfg):
+    """The tiny LSGM's VAE with top group 0's posterior made N(0, I) whatever x (its KL is 0)."""
+    models = build_model(cfg.model, generator=seeded_generator(0, 0), sde=None)
+    with torch.no_grad():
+        conv = models["vae"].posteriors[0][1]
+        conv.weight.zero_()
+        conv.bias.zero_()
+    return models
+
+
+def _digits(n=64, seed=0):
+    ds = data_module.load_dataset("binarized_digits8x8", "train")
+    return data_module.binarize(ds.data[:n], ds.num_levels, seeded_generator(seed, 0))
+
+
+def test_top_latent_kl_per_channel_sums_to_the_vaes_kl_and_a_silent_group_is_inactive():
+    cfg = tiny()
+    vae = _vae_with_silent_group(cfg)["vae"].eval()
+    x = _digits()
+    with torch.no_grad():
+        kl = lsgm.top_kl_per_channel(vae, x, seeded_generator(0, 1))
+    with torch.no_grad():
+        out = vae(x, seeded_generator(0, 1))
+    top = vae.groups_per_scale[0]
+    assert kl.shape == (64, vae.config.top_latent_shape[0])
+    torch.testing.assert_close(kl.sum(1), torch.stack(out.kl[:top]).sum(0))
+    per_group = vae.config.num_latent_per_group
+    assert (kl[:, :per_group] == 0).all()  # log q = log N(ε; 0, 1) exactly
+    mean_kl = kl[:, per_group:].mean(0)
+    threshold = float(mean_kl.min()) / 2
+    active = lsgm.active_channels(vae, [x[:32], x[32:]], threshold, seeded_generator(0, 1))
+    assert active.tolist() == [False] * per_group + [True] * per_group
+    assert not lsgm.active_channels(vae, [x], float(mean_kl.max()) + 1).any()
+    with pytest.raises(ValueError, match="no images"):
+        lsgm.active_channels(vae, [])
+
+
+def test_drop_inactive_var_switches_channels_off_before_step_zero_in_model_and_ema(tmp_path):
+    vae_run = _run(tmp_path, "vae", tiny(), stage="vae")
+    logs = []
+    cfg = tiny(lsgm={"vae_checkpoint": str(vae_run.checkpoint), "drop_inactive_var": True,
+                     "inactive_threshold": 1e9, "inactive_batches": 2})
+    result = train(cfg, tmp_path / "lsgm", stage="lsgm", progress=False, log=logs.append)
+    assert any("0 of 4 top-latent channels active" in line for line in logs), logs
+    tensors, _ = ckpt.load_checkpoint(result.checkpoint)
+    for prefix in ("sgm/", "ema/sgm/"):
+        assert (tensors[prefix + "is_active"] == 0).all()
+        assert (torch.sigmoid(tensors[prefix + "mixing_logit"]) < 1e-6).all()
+    # no channel switched off: the run is the one without the option
+    kept = tiny(lsgm={"vae_checkpoint": str(vae_run.checkpoint), "drop_inactive_var": True,
+                      "inactive_threshold": 0.0})
+    plain = tiny(lsgm={"vae_checkpoint": str(vae_run.checkpoint)})
+    logs.clear()
+    a = ckpt.load_checkpoint(train(kept, tmp_path / "kept", stage="lsgm", progress=False,
+                                   log=logs.append).checkpoint)[0]
+    assert any("4 of 4 top-latent channels active" in line for line in logs), logs
+    b = ckpt.load_checkpoint(_run(tmp_path, "plain", plain).checkpoint)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -141,6 +141,9 @@ class LSGMTrainConfig:
     kl_anneal_lsgm: bool = True  # --cont_kl_anneal
     kl_anneal_portion_lsgm: float = 0.1  # --kl_anneal_portion_vada
     kl_const_coeff_lsgm: float = 0.7  # --kl_const_coeff_vada
+    drop_inactive_var: bool = False  # --drop_inactive_var: N(0, I) on channels of KL <= threshold
+    inactive_threshold: float = 0.1  # nats per channel of the top latent (the reference's 0.1)
+    inactive_batches: int = 1000  # training batches averaged to find them (the reference's cap)
 
 
 @dataclass
@@ -392,6 +395,9 @@ def _validate_lsgm(cfg: Config) -> None:
                           "lsgm.kl_const_coeff_lsgm in [0, 1]")
     if lc.weight_decay_norm_vae < 0 or lc.weight_decay_norm_sgm < 0:
         raise ConfigError("lsgm.weight_decay_norm_vae and lsgm.weight_decay_norm_sgm must be >= 0")
+    if not lc.inactive_threshold >= 0 or not lc.inactive_batches >= 1:
+        raise ConfigError(f"lsgm.inactive_threshold must be >= 0 and lsgm.inactive_batches >= 1, "
+                          f"got {lc.inactive_threshold} and {lc.inactive_batches}")
 
 
 _LEGACY_SDES = {"vpsde": "vp", "subvpsde": "subvp", "vesde": "ve"}
