@@ -364,3 +364,35 @@ def test_lsgm_with_a_normal_prior_has_the_nelbo_of_the_vae_alone():
     diff = bound.total - vae_nelbo
     assert abs(diff.mean().item()) < 4 * diff.std().item() / math.sqrt(n)
     assert diff.std().item() > 0  # the diffusion estimate is random, the check is not vacuous
+
+
+def test_nll_bound_estimators_give_the_vaes_nelbo_under_a_normal_prior():
+    """With α = 0 the PF-ODE of the prior does not move z, so the ODE estimate is the VAE's NELBO
+    to rounding; the cross-entropy estimate (the training bound) equals it in expectation."""
+    from lsgm_edu.lsgm import nll_bound
+    from lsgm_edu.vae import NVAE, VAEConfig
+
+    vae = NVAE(VAEConfig(**TINY_VAE), generator=0).eval()
+    sde = VPSDE()
+    models = {"vae": vae, "sgm": MixedScore(ZeroNet(), sde, channels=4, logit_init=-math.inf)}
+    n = 4000
+    x = (torch.rand(1, 1, 8, 8, generator=gen(9)) > 0.5).float().expand(n, -1, -1, -1)
+    alone = nll_bound({"vae": vae}, None, x, generator=gen(4))
+    ode = nll_bound(models, sde, x[:8], generator=gen(4))  # same images, same posterior samples
+    torch.testing.assert_close(ode.nll, nll_bound({"vae": vae}, None, x[:8], generator=gen(4)).nll,
+                               atol=1e-4, rtol=0)
+    assert ode.nfe > 0 and alone.nfe == 0
+    ce = nll_bound(models, sde, x, generator=gen(4), estimator="cross_entropy",
+                   t_sampler=time_sampler("ll_iw", sde, 0.01), draws=2)
+    assert ce.nfe == 2
+    torch.testing.assert_close(ce.reconstruction, alone.reconstruction)
+    diff = ce.nll - alone.nll
+    assert diff.std().item() > 0
+    assert abs(diff.mean().item()) < 4 * diff.std().item() / math.sqrt(n)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        nll_bound(models, sde, x[:2], estimator="exact")
+    with pytest.raises(ValueError, match="needs t_sampler"):
+        nll_bound(models, sde, x[:2], estimator="cross_entropy")
+    with pytest.raises(ValueError, match="draws must be an int >= 1"):
+        nll_bound(models, sde, x[:2], estimator="cross_entropy",
+                  t_sampler=time_sampler("ll_iw", sde, 0.01), draws=0)

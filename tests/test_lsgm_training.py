@@ -312,6 +312,14 @@ def test_cli_trains_both_stages_then_samples_and_evaluates_the_bound(tmp_path, c
         assert r["nll_nats"] > 0 and r["nll_sem"] > 0
         assert r["bpd"] == pytest.approx(r["nll_nats"] / (64 * math.log(2)))
     assert results["vae"]["nfe"] == 0 and results["lsgm"]["nfe"] > 0
+    out = tmp_path / "ce.json"
+    assert main(["eval", "--metric", "nll", "--checkpoint", str(lsgm_ckpt), "--num-samples", "6",
+                 "--batch-size", "3", "--estimator", "cross_entropy", "--draws", "3",
+                 "--json", str(out)]) == 0
+    ce = json.loads(out.read_text())
+    assert ce["estimator"] == "cross_entropy" and ce["nfe"] == 3 and "3 draws of t ~ ll_iw" in \
+        ce["protocol"] and math.isfinite(ce["nll_nats"])
+    assert results["lsgm"]["estimator"] == "ode" and results["vae"]["estimator"] is None
     png = tmp_path / "s.png"
     assert main(["sample", "--checkpoint", str(lsgm_ckpt), "--n", "4", "--method", "em",
                  "--steps", "5", "--out", str(png)]) == 0
