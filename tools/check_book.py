@@ -489,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.execute and args.outputs:
         parser.error("--execute and --outputs exclude each other")
     root = args.root.resolve()
+    # Ctrl-C interrupts even where this process was started with SIGINT ignored (a background
+    # job of a non-interactive shell), which Python would otherwise leave ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return check(root, args)
     except KeyboardInterrupt:
