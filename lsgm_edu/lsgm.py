@@ -32,9 +32,9 @@ from lsgm_edu.vae import NVAE, VAEConfig, log_standard_normal
 
 __all__ = [
     "NELBO",
+    "NLL_ESTIMATORS",
     "P_WEIGHTINGS",
     "LSGMConfig",
-    "NLL_ESTIMATORS",
     "NLLBound",
     "active_channels",
     "build_lsgm",
