@@ -14,6 +14,7 @@ constant T - eps, i.e. the plain mean rescaled to the integral.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
 import torch
@@ -336,7 +337,7 @@ class UniformTimeSampler:
         return f"UniformTimeSampler(eps={self.eps}, T={self.T})"
 
 
-class _InverseCDFTimeSampler:
+class _InverseCDFTimeSampler(abc.ABC):
     """t ~ q(t) = F'(t) / Z on [eps, T] for an increasing antiderivative F, drawn exactly.
 
     A subclass states F (`antiderivative`) and its derivative (`rate`); the CDF is
@@ -369,11 +370,13 @@ class _InverseCDFTimeSampler:
     def _setup(self) -> None:
         """Precomputation a subclass needs before F is evaluated (none by default)."""
 
+    @abc.abstractmethod
     def antiderivative(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """F(t), increasing on [eps, T]."""
 
+    @abc.abstractmethod
     def rate(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """F'(t), proportional to the density q(t)."""
 
     def _check_rate(self) -> None:
         """Refuse an SDE for which F' differs from the finite difference of F."""

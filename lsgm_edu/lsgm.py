@@ -27,7 +27,7 @@ from lsgm_edu.nets.precond import MixedScore
 from lsgm_edu.nets.unet import UNet, UNetConfig
 from lsgm_edu.registry import MODELS
 from lsgm_edu.sde import SDE
-from lsgm_edu.utils import randn_like
+from lsgm_edu.utils import EvalMode, randn_like
 from lsgm_edu.vae import NVAE, VAEConfig, log_standard_normal
 
 __all__ = [
@@ -356,16 +356,12 @@ def active_channels(vae: NVAE, batches, threshold: float = 0.1, generator=None) 
     over the images of `batches` (an iterable of [B, C, H, W] in [0, 1]), exceeds `threshold`
     nats; bool [C]. The rest carry no information: the score prior leaves them N(0, I)
     (`MixedScore.set_active`)."""
-    was_training = vae.training
-    vae.eval()
-    try:
-        total, count = None, 0
+    total, count = None, 0
+    with EvalMode(vae):
         for x in batches:
             kl = top_kl_per_channel(vae, x, generator).double().sum(0)
             total = kl if total is None else total + kl
             count += x.shape[0]
-    finally:
-        vae.train(was_training)
     if count == 0:
         raise ValueError("active_channels: `batches` gave no images")
     return total / count > threshold

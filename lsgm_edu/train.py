@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -387,22 +388,18 @@ def lsgm_setup(cfg: Config, sde=None) -> TrainingSetup:
                                        generator=generator)
         return images
 
+    def drop_inactive_channels(models, batches, log) -> None:
+        """LSGM's `--drop_inactive_var`: channels of the top latent whose average KL is at most
+        lsgm.inactive_threshold nats stay N(0, I) in the score prior (`MixedScore.set_active`)."""
+        active = lsgm.active_channels(models["vae"], batches(lc.inactive_batches),
+                                      lc.inactive_threshold)
+        models["sgm"].set_active(active)
+        log(f"drop_inactive_var: {int(active.sum())} of {active.numel()} top-latent channels "
+            f"active (KL > {lc.inactive_threshold:g} nat); the others stay N(0, I)")
+
     return TrainingSetup(specs, LSGMObjective.from_config(cfg, sde), sample,
                          lambda models: nn.ModuleDict(models),
-                         prepare=_drop_inactive_channels if lc.drop_inactive_var else None)
-
-
-def _drop_inactive_channels(models, batches, log) -> None:
-    """LSGM's `--drop_inactive_var`: channels of the top latent whose average KL is at most
-    lsgm.inactive_threshold nats stay N(0, I) in the score prior (`MixedScore.set_active`)."""
-    from lsgm_edu import lsgm
-
-    cfg = batches.cfg
-    active = lsgm.active_channels(models["vae"], batches(cfg.lsgm.inactive_batches),
-                                  cfg.lsgm.inactive_threshold)
-    models["sgm"].set_active(active)
-    log(f"drop_inactive_var: {int(active.sum())} of {active.numel()} top-latent channels active "
-        f"(KL > {cfg.lsgm.inactive_threshold:g} nat); the others stay N(0, I)")
+                         prepare=drop_inactive_channels if lc.drop_inactive_var else None)
 
 
 def load_vae_weights(path: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
@@ -743,23 +740,18 @@ def _prepare_batch(x_uint8, step_gen, cfg, num_levels, rank_slice, device):
     return data_module.random_flip(x, flip=flip.to(device)) if cfg.data.random_flip else x
 
 
-class _TrainingBatches:
-    """Calling it with n yields the first n global training batches (the dataset's order, no
-    shuffling) prepared as the trainer prepares them, with noise seeded by derived_seed(seed, 7)."""
-
-    def __init__(self, dataset, cfg: Config, num_levels: int, device):
-        self.dataset, self.cfg, self.num_levels, self.device = dataset, cfg, num_levels, device
-
-    def __call__(self, n: int):
-        b = self.cfg.train.batch_size
-        count = min(n, len(self.dataset) // b)
-        if count < 1:
-            raise ConfigError(f"train.batch_size={b} exceeds the {len(self.dataset)} images of "
-                              f"the training set")
-        gen = seeded_generator(self.cfg.train.seed, 7)
-        for k in range(count):
-            x = torch.stack([torch.as_tensor(self.dataset[i][0]) for i in range(k * b, (k + 1) * b)])
-            yield _prepare_batch(x, gen, self.cfg, self.num_levels, slice(None), self.device)
+def _training_batches(dataset, cfg: Config, num_levels: int, device, n: int):
+    """The first n global training batches (the dataset's order, no shuffling) prepared as the
+    trainer prepares them, with noise seeded by derived_seed(seed, 7)."""
+    b = cfg.train.batch_size
+    count = min(n, len(dataset) // b)
+    if count < 1:
+        raise ConfigError(f"train.batch_size={b} exceeds the {len(dataset)} images of the "
+                          f"training set")
+    gen = seeded_generator(cfg.train.seed, 7)
+    for k in range(count):
+        x = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(k * b, (k + 1) * b)])
+        yield _prepare_batch(x, gen, cfg, num_levels, slice(None), device)
 
 
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str | None = None,
@@ -815,7 +807,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
     elif resume and ckpt.list_checkpoints(ckpt_dir):
         raise ckpt.CheckpointError(f"{ckpt_dir}: no usable checkpoint to resume from")
     if found is None and setup.prepare is not None:
-        setup.prepare(state.modules, _TrainingBatches(dataset, cfg, num_levels, d.device),
+        setup.prepare(state.modules,
+                      functools.partial(_training_batches, dataset, cfg, num_levels, d.device),
                       log if d.main else (lambda *_: None))
         state.sync_emas()
     if d.main:

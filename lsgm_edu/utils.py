@@ -98,3 +98,16 @@ def randn(shape, generator=None, *, device=None, dtype=None) -> torch.Tensor:
 def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
     """`randn` with the shape, device and dtype of x."""
     return randn(x.shape, generator, device=x.device, dtype=x.dtype)
+
+
+class EvalMode:
+    """Run a model in eval mode (batch norm on running statistics), restoring its mode after."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)

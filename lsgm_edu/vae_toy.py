@@ -29,7 +29,7 @@ from .data import ImageDataset
 from .data import binarize as binarize_images
 from .likelihood import bits_per_dim as _bits_per_dim
 from .nets.mlp import _linear, as_generator
-from .utils import randn, randn_like
+from .utils import EvalMode, randn, randn_like
 from .vae import BernoulliDecoder, VAEOutput, kl_balancer, kl_balancer_coeff, kl_coeff
 
 __all__ = [
@@ -319,25 +319,12 @@ class ELBOTerms(NamedTuple):
     elbo: torch.Tensor
 
 
-class _EvalMode:
-    """Run a model in eval mode (batch norm on running statistics), restoring its mode after."""
-
-    def __init__(self, model: nn.Module):
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self):
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
-
-
 @torch.no_grad()
 def elbo_terms(vae: nn.Module, x: torch.Tensor, generator=None) -> ELBOTerms:
     """E_q[log p(x|z)] − KL(q(z|x) ‖ p(z)) estimated with one posterior sample per x (Kingma &
     Welling 2014, eq. 3; NVAE eq. 1 for the groups); in eval mode, without gradients."""
     _check_model("elbo_terms", vae)
-    with _EvalMode(vae):
+    with EvalMode(vae):
         out = vae(x, generator)
         recon = vae.reconstruction_loss(out, x)
     kl_groups = torch.stack(out.kl, dim=1)
@@ -371,7 +358,7 @@ def iwae_bound(vae: nn.Module, x: torch.Tensor, k: int, generator=None, *,
     b = x.shape[0]
     per_pass = max(1, max_batch // b)
     lse = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)
-    with _EvalMode(vae):
+    with EvalMode(vae):
         for start in range(0, k, per_pass):
             n = min(per_pass, k - start)
             xr = x.repeat(n, *([1] * (x.ndim - 1)))  # row i * b + j is x[j]
@@ -411,7 +398,7 @@ def posterior_parameters(vae: nn.Module, x: torch.Tensor, *,
     check_tensor("posterior_parameters", "x", x, min_ndim=2)
     g = torch.Generator(device=x.device).manual_seed(0)  # the draw is discarded
     means, stds = [], []
-    with _EvalMode(vae):
+    with EvalMode(vae):
         for xb in _batches(x, batch_size):
             out = vae(xb, g)
             means.append(out.mean[0].flatten(1))
@@ -535,7 +522,7 @@ def latent_activity(vae: nn.Module, x: torch.Tensor, generator=None, *, samples:
     of the groups above j (its posterior mean depends on them); for group 1 it is exact."""
     _check_activity_args("latent_activity", vae, x, samples)
     per_group = None
-    with _EvalMode(vae):
+    with EvalMode(vae):
         for xb in _batches(x, batch_size):
             means = None
             for _ in range(samples):
