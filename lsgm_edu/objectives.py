@@ -214,7 +214,8 @@ class LSGMObjective:
                    time_eps=lc.time_eps, total_steps=cfg.train.n_iters,
                    kl_anneal=lc.kl_anneal_lsgm, kl_anneal_portion=lc.kl_anneal_portion_lsgm,
                    kl_const_coeff=lc.kl_const_coeff_lsgm,
-                   weight_decay_norm_vae=lc.weight_decay_norm_vae,
+                   # a frozen VAE (train_vae false) runs no power iterations of its norms
+                   weight_decay_norm_vae=lc.weight_decay_norm_vae if lc.train_vae else 0.0,
                    weight_decay_norm_sgm=lc.weight_decay_norm_sgm)
 
     def kl_coefficient(self, step: int) -> float:

@@ -236,7 +236,9 @@ def synchronize_batchnorm(module: nn.Module, cuda: bool) -> nn.Module:
 class ModelSpec:
     """One model a run trains: the module, its AdamW settings, warmup, clipping and EMA rate.
 
-    `grad_clip` 0 means no clipping; `ema_rate` None means no EMA copy.
+    `grad_clip` 0 means no clipping; `ema_rate` None means no EMA copy. A `frozen` model is run
+    and saved but not trained: eval mode, no gradients, no optimizer, no EMA (LSGM's prior-only
+    stage keeps its VAE so).
     """
 
     module: nn.Module
@@ -249,6 +251,7 @@ class ModelSpec:
     ema_rate: float | None = None
     lr_min: float | None = None  # with total_steps: cosine annealing to lr_min after the warmup
     total_steps: int = 0
+    frozen: bool = False
 
     @classmethod
     def from_train_config(cls, module: nn.Module, tc, **changes) -> ModelSpec:
@@ -368,18 +371,22 @@ def vae_setup(cfg: Config) -> TrainingSetup:
 
 def lsgm_setup(cfg: Config, sde=None) -> TrainingSetup:
     """LSGM end to end: 'vae' (from lsgm.vae_checkpoint, at lsgm.lr_vae annealed to lr_min_vae,
-    with adam_eps_vae, no EMA) and 'sgm' (the mixed score, at train.lr with the EMA of train.ema_rate),
-    `LSGMObjective`."""
+    with adam_eps_vae, no EMA; frozen when not lsgm.train_vae) and 'sgm' (the mixed score, at
+    train.lr with the EMA of train.ema_rate), `LSGMObjective`."""
     from lsgm_edu import lsgm
 
     sde = sde if sde is not None else build_sde(cfg.sde)
     models = build_model(cfg.model, generator=seeded_generator(cfg.train.seed, 0), sde=sde)
+    if not cfg.lsgm.train_vae and not cfg.lsgm.vae_checkpoint:
+        raise ConfigError("lsgm.train_vae=false freezes the VAE, so it needs a trained one: set "
+                          "lsgm.vae_checkpoint (--vae-checkpoint) to a stage-'vae' checkpoint")
     if cfg.lsgm.vae_checkpoint:
         models["vae"].load_state_dict(load_vae_weights(cfg.lsgm.vae_checkpoint, cfg))
     tc, lc = cfg.train, cfg.lsgm
     specs = {"vae": ModelSpec.from_train_config(models["vae"], tc, lr=lc.lr_vae,
                                                 eps=lc.adam_eps_vae, ema_rate=None,
-                                                lr_min=lc.lr_min_vae, total_steps=tc.n_iters),
+                                                lr_min=lc.lr_min_vae, total_steps=tc.n_iters,
+                                                frozen=not lc.train_vae),
              "sgm": ModelSpec.from_train_config(models["sgm"], tc)}
 
     def sample(models, n, generator):
@@ -430,14 +437,16 @@ class TrainState:
     """
 
     def __init__(self, specs: dict[str, ModelSpec], device="cpu"):
-        self.specs = specs
+        self.specs = {n: s for n, s in specs.items() if not s.frozen}  # the trained models
         self.modules = {n: s.module.to(device) for n, s in specs.items()}
+        for name in specs.keys() - self.specs.keys():
+            self.modules[name].requires_grad_(False).eval()
         self.optimizers = {
             n: torch.optim.AdamW(self.modules[n].parameters(), lr=s.lr, betas=s.betas,
                                  eps=s.eps, weight_decay=s.weight_decay)
-            for n, s in specs.items()}
+            for n, s in self.specs.items()}
         self.emas = {n: copy.deepcopy(self.modules[n]).requires_grad_(False)
-                     for n, s in specs.items() if s.ema_rate is not None}
+                     for n, s in self.specs.items() if s.ema_rate is not None}
         self.forward = dict(self.modules)
 
     def sync_emas(self) -> None:
@@ -446,7 +455,8 @@ class TrainState:
             ema.load_state_dict(self.modules[name].state_dict())
 
     def wrap(self, fn: Callable[[nn.Module], nn.Module]) -> None:
-        self.forward = {n: fn(m) for n, m in self.modules.items()}
+        """Wrap the trained models (DDP, compile); frozen ones are called as they are."""
+        self.forward = {n: fn(m) if n in self.specs else m for n, m in self.modules.items()}
 
     def eval_models(self) -> dict[str, nn.Module]:
         """The EMA copy of each model where it has one, else the model."""
@@ -459,9 +469,9 @@ class TrainState:
             out.update({f"{name}/{k}": v for k, v in module.state_dict().items()})
             if name in self.emas:
                 out.update({f"ema/{name}/{k}": v for k, v in self.emas[name].state_dict().items()})
-            opt = self.optimizers[name]
+            opt = self.optimizers.get(name)
             for pname, p in module.named_parameters():
-                for k, v in opt.state.get(p, {}).items():
+                for k, v in (opt.state.get(p, {}) if opt else {}).items():
                     out[f"opt/{name}/{pname}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
         return out
 
@@ -476,7 +486,7 @@ class TrainState:
             module.load_state_dict(_part(tensors, f"{name}/"))
             if name in self.emas:
                 self.emas[name].load_state_dict(_part(tensors, f"ema/{name}/"))
-            if not optimizers:
+            if not optimizers or name not in self.optimizers:
                 continue
             params = dict(module.named_parameters())
             state: dict[str, dict] = {}
@@ -534,16 +544,17 @@ def train_step(state: TrainState, objective, batch: Batch, generator: BatchGener
         opt.zero_grad(set_to_none=True)
     if isinstance(loss, dict):  # each model descends its own loss (LSGM: the VAE q, the SGM p)
         _check_model_losses(loss, state)
-        for i, (name, part) in enumerate(loss.items()):
+        parts = [(name, loss[name]) for name in loss if name in state.specs]  # frozen: not descended
+        for i, (name, part) in enumerate(parts):
             part.float().mean().backward(inputs=list(state.modules[name].parameters()),
-                                         retain_graph=i < len(loss) - 1)
-        loss = next(iter(loss.values()))  # logged as "loss": the first model's
+                                         retain_graph=i < len(parts) - 1)
+        loss = parts[0][1]  # logged as "loss": the first trained model's
     else:
         loss.float().mean().backward()
     grad_norms = {}
-    for name, module in state.modules.items():
-        clip = state.specs[name].grad_clip
-        grad_norms[name] = torch.nn.utils.clip_grad_norm_(module.parameters(),
+    for name, spec in state.specs.items():
+        clip = spec.grad_clip
+        grad_norms[name] = torch.nn.utils.clip_grad_norm_(state.modules[name].parameters(),
                                                           clip if clip > 0 else math.inf)
     scalars = torch.stack([loss.detach().float().mean()]
                           + [torch.as_tensor(v).detach().float().mean().to(loss.device)

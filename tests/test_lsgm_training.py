@@ -28,6 +28,7 @@ from lsgm_edu.train import (
     TrainingDiverged,
     TrainState,
     lsgm_setup,
+    read_log,
     seeded_generator,
     stage_config,
     train,
@@ -253,6 +254,35 @@ def test_both_stages_train_and_resume_exactly(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert math.isfinite(full.loss)
+
+
+def test_prior_only_stage_keeps_the_vae_bit_for_bit_and_resumes_exactly(tmp_path):
+    """lsgm.train_vae false (the reference without --train_vae): the VAE is frozen in eval mode,
+    saved with the run but never updated; the score prior trains and resumes exactly."""
+    vae_run = _run(tmp_path, "vae", tiny(), stage="vae")
+    cfg = tiny(lsgm={"vae_checkpoint": str(vae_run.checkpoint), "train_vae": False})
+    full = _run(tmp_path, "full", cfg)
+    vae0 = ckpt.load_checkpoint(vae_run.checkpoint)[0]
+    tensors, meta = ckpt.load_checkpoint(full.checkpoint)
+    assert meta["models"] == ["vae", "sgm"] and set(meta["optimizers"]) == {"sgm"}
+    assert not any(k.startswith(("opt/vae/", "ema/vae/")) for k in tensors)
+    # every VAE tensor, BatchNorm statistics included (eval mode), as it was loaded
+    assert all(torch.equal(tensors[k], v) for k, v in vae0.items() if k.startswith("vae/"))
+    start = lsgm_setup(cfg).models["sgm"].module.state_dict()
+    assert any(not torch.equal(tensors["sgm/" + k], v) for k, v in start.items())
+    log = read_log(full.log_path)
+    assert "grad_norm/vae" not in log and "grad_norm/sgm" in log
+    part = tmp_path / "part"
+    _run(tmp_path, "part", cfg)
+    for step, sidecar in ckpt.list_checkpoints(part / "checkpoints"):
+        if step > 3:
+            sidecar.unlink()
+            sidecar.with_suffix(".safetensors").unlink()
+    resumed = ckpt.load_checkpoint(_run(tmp_path, "part", cfg).checkpoint)[0]
+    assert resumed.keys() == tensors.keys()
+    assert all(torch.equal(resumed[k], v) for k, v in tensors.items())
+    with pytest.raises(ConfigError, match="lsgm.vae_checkpoint"):
+        lsgm_setup(tiny(lsgm={"train_vae": False}))
 
 
 def test_nan_in_the_score_prior_stops_with_the_last_good_checkpoint(tmp_path):

@@ -115,7 +115,9 @@ class LSGMTrainConfig:
     spectral regularization. Stage "lsgm" trains the VAE and the score prior end to end from
     `vae_checkpoint` (train_vada.py): the SGM at train.lr with train.adam_eps and the EMA of
     train.ema_rate, the VAE at lr_vae with adam_eps_vae and no EMA; the KL coefficient rises
-    from kl_const_coeff_lsgm to 1 over kl_anneal_portion_lsgm when kl_anneal_lsgm.
+    from kl_const_coeff_lsgm to 1 over kl_anneal_portion_lsgm when kl_anneal_lsgm. With
+    train_vae false (the reference without --train_vae, its "prior only" stage) the VAE is
+    frozen in eval mode and only the score prior trains.
     """
 
     # stage "vae" (its own length and batch; the other train.* settings are shared)
@@ -131,6 +133,7 @@ class LSGMTrainConfig:
     weight_decay_norm_vae: float = 1e-2  # spectral regularization λ of the VAE (both stages)
     # stage "lsgm"
     vae_checkpoint: str | None = None  # the stage-"vae" checkpoint (sidecar .json) to start from
+    train_vae: bool = True  # --train_vae; false: the VAE stays as loaded, only the prior trains
     lr_vae: float = 1e-4  # --learning_rate_vae
     lr_min_vae: float = 1e-5  # --learning_rate_min_vae (the SGM's rate stays at train.lr)
     adam_eps_vae: float = 1e-3  # the VAE's Adam eps (the SGM's is train.adam_eps)
