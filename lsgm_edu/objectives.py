@@ -180,13 +180,17 @@ class LSGMObjective:
           plus -log N(ε_j; 0, I) of the lower groups.
     The trainer descends each model's own loss (gradients of p never reach the VAE). Logs the
     NELBO (β = 1) per image in nats.
+
+    disjoint (the reference's --disjoint_training, its Algorithm 2, used for CelebA-HQ): the VAE's
+    cross-entropy takes its own t ~ `q_sampler` and ε, and the SGM learns on the detached z0 with
+    independent t and ε.
     """
 
     def __init__(self, sde, *, iw_sample_p: str = "drop_all_iw",
                  iw_sample_q: str = "reweight_p_samples", time_eps: float = 0.01,
                  total_steps: int = 1, kl_anneal: bool = True, kl_anneal_portion: float = 0.1,
                  kl_const_coeff: float = 0.7, weight_decay_norm_vae: float = 0.0,
-                 weight_decay_norm_sgm: float = 0.0):
+                 weight_decay_norm_sgm: float = 0.0, disjoint: bool = False):
         from lsgm_edu.losses import time_sampler
         from lsgm_edu.lsgm import P_WEIGHTINGS
 
@@ -196,7 +200,11 @@ class LSGMObjective:
         if iw_sample_q not in ("reweight_p_samples", "ll_uniform", "ll_iw"):
             raise ValueError(f"LSGMObjective: iw_sample_q must be reweight_p_samples, ll_uniform "
                              f"or ll_iw, got {iw_sample_q!r}")
+        if disjoint and iw_sample_q == "reweight_p_samples":
+            raise ValueError("LSGMObjective: disjoint training draws the VAE's own t: "
+                             "iw_sample_q must be ll_uniform or ll_iw")
         sampler_name, self.p_kind = P_WEIGHTINGS[iw_sample_p]
+        self.disjoint = disjoint
         self.sde, self.time_eps = sde, time_eps
         self.p_sampler = time_sampler(sampler_name, sde, time_eps)
         self.q_sampler = (None if iw_sample_q == "reweight_p_samples"
@@ -216,7 +224,8 @@ class LSGMObjective:
                    kl_const_coeff=lc.kl_const_coeff_lsgm,
                    # a frozen VAE (train_vae false) runs no power iterations of its norms
                    weight_decay_norm_vae=lc.weight_decay_norm_vae if lc.train_vae else 0.0,
-                   weight_decay_norm_sgm=lc.weight_decay_norm_sgm)
+                   weight_decay_norm_sgm=lc.weight_decay_norm_sgm,
+                   disjoint=lc.disjoint_training)
 
     def kl_coefficient(self, step: int) -> float:
         """β: kl_const_coeff rising linearly to 1 over kl_anneal_portion of training, else 1."""
@@ -238,14 +247,17 @@ class LSGMObjective:
         t = generator.draw(lambda n, g: self.p_sampler.sample(n, g, dtype=torch.float64))
         noise = generator.randn(*z0.shape[1:], dtype=z0.dtype)
         eps_fn = lsgm.eps_of(sgm, self.sde)
-        error = lsgm.denoising_error(self.sde, eps_fn, z0, t, noise)
+        sampler_q = self.q_sampler or self.p_sampler
+        t_q = t if self.q_sampler is None else generator.draw(
+            lambda n, g: sampler_q.sample(n, g, dtype=torch.float64))
+        noise_q = generator.randn(*z0.shape[1:], dtype=z0.dtype) if self.disjoint else noise
+        # joint: the SGM and the VAE share ε (and t with "reweight_p_samples"); disjoint: not
+        error = lsgm.denoising_error(self.sde, eps_fn, z0.detach() if self.disjoint else z0,
+                                     t, noise)
         p_weight = self.p_sampler.weight(t) * lsgm.p_weight(self.p_kind, self.sde, t)
         p_loss = p_weight.float() * error
-        t_q, error_q, sampler_q = t, error, self.p_sampler  # "reweight_p_samples"
-        if self.q_sampler is not None:  # a fresh t for the VAE, the same ε (as the reference)
-            sampler_q = self.q_sampler
-            t_q = generator.draw(lambda n, g: sampler_q.sample(n, g, dtype=torch.float64))
-            error_q = lsgm.denoising_error(self.sde, eps_fn, z0, t_q, noise)
+        error_q = error if self.q_sampler is None else lsgm.denoising_error(
+            self.sde, eps_fn, z0, t_q, noise_q)
         ce = (lsgm.cross_entropy_from_error(self.sde, sampler_q, t_q, error_q, z0[0].numel())
               + lsgm.normal_cross_entropy(out.eps[top:]))  # lower scales keep N(0, I)
         recon = raw_vae.reconstruction_loss(out, batch.x).float()

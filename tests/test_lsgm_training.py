@@ -148,6 +148,9 @@ def test_book_config_is_small_and_its_stages_differ_only_in_the_train_section():
     ("lsgm", {"iw_sample_p": "ll_iww"}, "lsgm.iw_sample_p"),
     ("lsgm", {"lr_vae": 0.0}, "lsgm.lr_vae"),
     ("lsgm", {"inactive_batches": 0}, "lsgm.inactive_batches"),
+    ("lsgm", {"disjoint_training": True}, "lsgm.iw_sample_q"),
+    ("lsgm", {"disjoint_training": True, "iw_sample_q": "ll_iw", "train_vae": False},
+     "lsgm.train_vae"),
 ])
 def test_bad_lsgm_configs_are_refused_naming_the_key(section, change, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -204,6 +207,35 @@ def test_each_model_descends_its_own_loss():
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
     for p, g in zip(sgm_params, want_sgm):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_disjoint_training_draws_independent_t_and_noise_and_detaches_the_prior_input(
+        monkeypatch):
+    """Algorithm 2 (--disjoint_training): the SGM's (t, ε) and the VAE's are independent draws and
+    the SGM learns on the detached z0; the joint step with iw_sample_q ll_iw shares ε."""
+    calls = []
+    inner = lsgm.denoising_error
+
+    def recording(sde, eps_fn, z0, t, noise):
+        calls.append((z0.requires_grad, t.clone(), noise.clone()))
+        return inner(sde, eps_fn, z0, t, noise)
+
+    monkeypatch.setattr(lsgm, "denoising_error", recording)
+    for disjoint in (False, True):
+        cfg = tiny(lsgm={"iw_sample_q": "ll_iw", "disjoint_training": disjoint})
+        setup = lsgm_setup(cfg)
+        state = TrainState(setup.models)
+        calls.clear()
+        losses, logs = setup.objective(state.forward, _batch(cfg, step=1),
+                                       BatchGenerator(seeded_generator(0, 5), 8))
+        (p_grad, t_p, noise_p), (_, t_q, noise_q) = calls
+        assert not torch.equal(t_p, t_q)  # ll_iw draws the VAE's own t in both modes
+        assert torch.equal(noise_p, noise_q) is not disjoint
+        assert p_grad is not disjoint  # the prior's input is detached only when disjoint
+        leak = torch.autograd.grad(losses["sgm"].mean(), list(state.modules["vae"].parameters()),
+                                   allow_unused=True)
+        assert any(g is not None for g in leak) is not disjoint
+        assert torch.isfinite(losses["vae"]).all() and torch.isfinite(logs["nelbo"]).all()
 
 
 def test_trainer_binarizes_afresh_every_step(tmp_path):

@@ -140,6 +140,7 @@ class LSGMTrainConfig:
     weight_decay_norm_sgm: float = 0.0  # --weight_decay_norm_dae (GroupNorm max|γ| terms)
     iw_sample_p: str = "drop_all_iw"  # the SGM's time sampler and weighting (lsgm.P_WEIGHTINGS)
     iw_sample_q: str = "reweight_p_samples"  # the VAE's: reweight_p_samples | ll_uniform | ll_iw
+    disjoint_training: bool = False  # --disjoint_training: the VAE's and the SGM's t, ε independent
     time_eps: float = 0.01  # --time_eps: the smallest diffusion time of the cross-entropy
     kl_anneal_lsgm: bool = True  # --cont_kl_anneal
     kl_anneal_portion_lsgm: float = 0.1  # --kl_anneal_portion_vada
@@ -398,6 +399,12 @@ def _validate_lsgm(cfg: Config) -> None:
                           "lsgm.kl_const_coeff_lsgm in [0, 1]")
     if lc.weight_decay_norm_vae < 0 or lc.weight_decay_norm_sgm < 0:
         raise ConfigError("lsgm.weight_decay_norm_vae and lsgm.weight_decay_norm_sgm must be >= 0")
+    if lc.disjoint_training and lc.iw_sample_q == "reweight_p_samples":
+        raise ConfigError("lsgm.disjoint_training draws the VAE's own t: set lsgm.iw_sample_q to "
+                          "ll_iw or ll_uniform (LSGM's CelebA-HQ recipe uses ll_iw)")
+    if lc.disjoint_training and not lc.train_vae:
+        raise ConfigError("lsgm.disjoint_training is a way to train the VAE with the prior; with "
+                          "lsgm.train_vae=false only the prior trains: drop one of the two")
     if not lc.inactive_threshold >= 0 or not lc.inactive_batches >= 1:
         raise ConfigError(f"lsgm.inactive_threshold must be >= 0 and lsgm.inactive_batches >= 1, "
                           f"got {lc.inactive_threshold} and {lc.inactive_batches}")
