@@ -430,10 +430,11 @@ def load_vae_weights(path: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
 
 
 class TrainState:
-    """The named modules, one AdamW and (optionally) one EMA copy per model, on `device`.
+    """The named modules, one AdamW and (optionally) one EMA copy per trained model, on `device`.
 
     `forward` holds what the objective calls: the modules themselves, or their DDP / compiled
-    wrappers (`wrap`); `modules` stay the raw modules that are saved and averaged.
+    wrappers (`wrap`); `modules` stay the raw modules that are saved and averaged; `specs` holds
+    the trained models only (a frozen one is in `modules`, eval mode, without optimizer or EMA).
     """
 
     def __init__(self, specs: dict[str, ModelSpec], device="cpu"):
