@@ -545,7 +545,7 @@ def train_step(state: TrainState, objective, batch: Batch, generator: BatchGener
         opt.zero_grad(set_to_none=True)
     if isinstance(loss, dict):  # each model descends its own loss (LSGM: the VAE q, the SGM p)
         _check_model_losses(loss, state)
-        parts = [(name, loss[name]) for name in loss if name in state.specs]  # frozen: not descended
+        parts = [(n, loss[n]) for n in loss if n in state.specs]  # a frozen model's: not descended
         for i, (name, part) in enumerate(parts):
             part.float().mean().backward(inputs=list(state.modules[name].parameters()),
                                          retain_graph=i < len(parts) - 1)
