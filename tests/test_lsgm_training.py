@@ -259,6 +259,16 @@ def _run(tmp_path, name, cfg, stage="lsgm", **kw):
     return train(cfg, tmp_path / name, stage=stage, progress=False, log=lambda *_: None, **kw)
 
 
+def _resumed_after_step_3(tmp_path, cfg):
+    """A run of `cfg` that stopped after its step-3 checkpoint, resumed to the end."""
+    _run(tmp_path, "part", cfg)
+    for step, sidecar in ckpt.list_checkpoints(tmp_path / "part" / "checkpoints"):
+        if step > 3:
+            sidecar.unlink()
+            sidecar.with_suffix(".safetensors").unlink()
+    return _run(tmp_path, "part", cfg)
+
+
 def test_both_stages_train_and_resume_exactly(tmp_path):
     vae_run = _run(tmp_path, "vae", tiny(), stage="vae")
     _, meta = ckpt.load_checkpoint(vae_run.checkpoint)
@@ -272,14 +282,7 @@ def test_both_stages_train_and_resume_exactly(tmp_path):
     assert saved.keys() == start.keys()
     assert all(torch.equal(start[k], v) for k, v in saved.items())
     full = _run(tmp_path, "full", cfg)
-    # a run that stopped after its step-3 checkpoint, resumed
-    part = tmp_path / "part"
-    _run(tmp_path, "part", cfg)
-    for step, sidecar in ckpt.list_checkpoints(part / "checkpoints"):
-        if step > 3:
-            sidecar.unlink()
-            sidecar.with_suffix(".safetensors").unlink()
-    resumed = _run(tmp_path, "part", cfg)
+    resumed = _resumed_after_step_3(tmp_path, cfg)
     a, b = (ckpt.load_checkpoint(r.checkpoint)[0] for r in (full, resumed))
     assert a.keys() == b.keys() and {k.split("/")[0] for k in a} == {"vae", "sgm", "ema", "opt"}
     assert {k.split("/")[1] for k in a if k.startswith("ema/")} == {"sgm"}  # no EMA on the VAE
@@ -304,13 +307,7 @@ def test_prior_only_stage_keeps_the_vae_bit_for_bit_and_resumes_exactly(tmp_path
     assert any(not torch.equal(tensors["sgm/" + k], v) for k, v in start.items())
     log = read_log(full.log_path)
     assert "grad_norm/vae" not in log and "grad_norm/sgm" in log
-    part = tmp_path / "part"
-    _run(tmp_path, "part", cfg)
-    for step, sidecar in ckpt.list_checkpoints(part / "checkpoints"):
-        if step > 3:
-            sidecar.unlink()
-            sidecar.with_suffix(".safetensors").unlink()
-    resumed = ckpt.load_checkpoint(_run(tmp_path, "part", cfg).checkpoint)[0]
+    resumed = ckpt.load_checkpoint(_resumed_after_step_3(tmp_path, cfg).checkpoint)[0]
     assert resumed.keys() == tensors.keys()
     assert all(torch.equal(resumed[k], v) for k, v in tensors.items())
     with pytest.raises(ConfigError, match="lsgm.vae_checkpoint"):
