@@ -1,12 +1,16 @@
-"""What every benchmark records: the machine it ran on and the date."""
+"""What every benchmark records: the machine it ran on and the date, written atomically."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
 from pathlib import Path
 
 import torch
+
+from lsgm_edu.checkpoint import atomic_write_text
 
 
 def cpu_model() -> str:
@@ -40,3 +44,16 @@ def machine(device: str = "cpu") -> dict:
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda)
     return info
+
+
+def utc_now() -> str:
+    """The UTC date and time, to the second (ISO 8601): every result's `date`."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_results(report: dict, path: str | Path) -> Path:
+    """Write a benchmark's JSON atomically (a crash leaves the previous results, never half a
+    file), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps(report, indent=1) + "\n")

@@ -18,9 +18,7 @@ divergence). Writes likelihood_nfe.json and likelihood_nfe.png to --out (benchma
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ from lsgm_edu.sde import VPSDE
 from lsgm_edu.toy import GaussianMixture
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine
+from _common import machine, utc_now, write_results
 
 TOLERANCE_NATS = 0.01  # the headline: the smallest NFE with mean solver error below this
 REFERENCE = {"method": "dopri5", "rtol": 1e-10, "atol": 1e-10}
@@ -209,7 +207,7 @@ def main(argv=None) -> dict:
 
     report = {
         "benchmark": "likelihood_nfe",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": machine(),
         "settings": {
             "quick": args.quick,
@@ -247,11 +245,7 @@ def main(argv=None) -> dict:
         "results": rows,
         "total_wall_s": round(total_wall, 2),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "likelihood_nfe.json"
-    tmp = json_path.with_name(f".{json_path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, json_path)
+    write_results(report, args.out / "likelihood_nfe.json")
     plot(rows, floor_mean, report["headline"]["per_method"], args.out / "likelihood_nfe.png")
     print(json.dumps({"headline": report["headline"]["per_method"], "wall_s": total_wall}))
     return report

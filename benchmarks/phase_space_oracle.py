@@ -11,7 +11,6 @@ sampled states.
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 import time
@@ -23,7 +22,7 @@ from matplotlib.figure import Figure
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from _common import machine
+from _common import machine, utc_now, write_results
 from test_linear_sde_engine import (
     F_BLOCK,
     G_BLOCK,
@@ -33,7 +32,6 @@ from test_linear_sde_engine import (
     phase_sde,
 )
 
-from lsgm_edu.checkpoint import atomic_write_text
 from lsgm_edu.likelihood import log_likelihood
 from lsgm_edu.samplers import euler_maruyama, probability_flow
 from lsgm_edu.viz import save_figure
@@ -106,8 +104,8 @@ def main() -> dict:
     fig.tight_layout()
     save_figure(fig, HERE / "results" / "phase_space_oracle.png", dpi=110)
     out["machine"] = machine()
-    out["date"] = datetime.date.today().isoformat()
-    atomic_write_text(HERE / "results" / "phase_space_oracle.json", json.dumps(out, indent=1) + "\n")
+    out["date"] = utc_now()
+    write_results(out, HERE / "results" / "phase_space_oracle.json")
     return out
 
 

@@ -18,7 +18,6 @@ bf16 (or fp32) datasheet figure, or on CPU the FLOP/s of a large fp32 matmul mea
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import resource
 import statistics
@@ -28,14 +27,13 @@ from pathlib import Path
 
 import torch
 
-from lsgm_edu.checkpoint import atomic_write_text
 from lsgm_edu.configs import load_config
 from lsgm_edu.objectives import Batch, BatchGenerator
 from lsgm_edu.registry import MODELS
 from lsgm_edu.train import TrainState, resolve_precision, train_step, training_setup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine
+from _common import machine, utc_now, write_results
 
 # Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s.
 GPU_PEAKS = {
@@ -202,7 +200,7 @@ def main(argv=None) -> int:
               f"MFU {mfu}")
     summary = {
         "benchmark": "train_step",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": machine(args.device),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
@@ -210,7 +208,7 @@ def main(argv=None) -> int:
     }
     dev_kind = "cpu" if args.device == "cpu" else "gpu"
     out = Path(args.out) / (args.name or f"train_step_{dev_kind}.json")
-    atomic_write_text(out, json.dumps(summary, indent=1) + "\n")
+    write_results(summary, out)
     print(json.dumps({"written": str(out), "total_wall_s": summary["total_wall_s"]}))
     return 0
 
