@@ -8,8 +8,8 @@ Examples:
     python -m lsgm_edu likelihood --checkpoint CKPT --n 256
     python -m lsgm_edu train --config lsgm_mnist_book --stage vae --out runs/vae
     python -m lsgm_edu train --config lsgm_mnist_book --stage lsgm --out runs/lsgm \
-        --vae-checkpoint runs/vae/checkpoints/step_00004000.json
-    python -m lsgm_edu eval --metric nll --checkpoint runs/lsgm/checkpoints/step_00004000.json
+        --vae-checkpoint runs/vae/checkpoints/step_00003000.json
+    python -m lsgm_edu eval --metric nll --checkpoint runs/lsgm/checkpoints/step_00020000.json
 """
 
 from __future__ import annotations
@@ -567,7 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fid (with IS), classifier-fid (digits), bpd (PF-ODE bits/dim) or nll "
                         "(an LSGM's bound in nats)")
     p.add_argument("--method", choices=["pc", "em", "ode"], help="sampler (default: the config's)")
-    p.add_argument("--tol", type=float, default=1e-5, help="ODE tolerance of --metric nll")
+    p.add_argument("--tol", type=float, default=1e-5,
+                   help="rtol = atol of the PF-ODE: the likelihood's for --metric nll, the "
+                        "sampler's for an LSGM's classifier-fid with --method ode")
     p.add_argument("--estimator", choices=["ode", "cross_entropy"], default="ode",
                    help="LSGM --metric nll: log p(z0) by the PF-ODE, or bounded by the "
                         "cross-entropy of the training objective")

@@ -130,10 +130,16 @@ def test_paper_size_lsgm_runs_a_forward_and_backward_at_batch_one(name):
     assert torch.isfinite(logs["nelbo"]).all()
 
 
-def test_book_config_is_small_and_its_stages_differ_only_in_the_train_section():
-    cfg = load_config("lsgm_mnist_book")
+@pytest.mark.parametrize(("name", "vae_params", "top_latent"), [
+    ("lsgm_mnist_book", 151_050, (4, 4, 4)),  # chapter 11's LSGM
+    ("vae_mnist_book", 124_034, (20, 8, 8)),  # chapter 10's VAE (KL weight 1)
+])
+def test_book_configs_are_small_and_their_stages_differ_only_in_the_train_section(
+        name, vae_params, top_latent):
+    cfg = load_config(name)
     models = build_model(cfg.model)
-    assert n_params(models["vae"]) == 124_034 and n_params(models["sgm"]) < 1_000_000
+    assert n_params(models["vae"]) == vae_params and n_params(models["sgm"]) < 1_000_000
+    assert models["vae"].config.top_latent_shape == top_latent
     vae_cfg = stage_config(cfg, "vae")
     assert (vae_cfg.train.n_iters, vae_cfg.train.lr) == (cfg.lsgm.vae_pretrain_iters,
                                                           cfg.lsgm.lr_vae_pretrain)

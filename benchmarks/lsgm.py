@@ -2,7 +2,7 @@
 NLL bound against the VAE alone.
 
 Sampling: n images from each model's probability-flow ODE (dopri5, rtol = atol = tol, each
-model's own eps) at several tolerances: the LSGM (`lsgm_mnist_book`) solves it in its 20x8x8
+model's own eps) at several tolerances: the LSGM (`lsgm_mnist_book`) solves it in its 4x4x4
 latent space and decodes the Bernoulli mean; the data-space DDPM++ (`mnist28_ddpmpp_vp`) solves
 it on 28x28 pixels. NFE counts score evaluations (the mean over batches; the LSGM's one decoder
 pass is not counted). Classifier-FID (`metrics.classifier_fid`, the shipped MNIST classifier's
@@ -10,21 +10,21 @@ pass is not counted). Classifier-FID (`metrics.classifier_fid`, the shipped MNIS
 VAE's own N(0, I) prior samples (NFE 0) and two data-vs-data floors beside them.
 
 Likelihood: LSGM's single-sample bound recon + log q - log p(z0) (LSGM App. F; log p(z0) by the
-PF-ODE at tol 1e-5 with one Gaussian Hutchinson probe) against the stage-"vae" VAE's NELBO, on
-the same test images with the same binarizations (image i with u from derived_seed(seed, 6, i),
+PF-ODE at tol 1e-5 with one Gaussian Hutchinson probe) against the NELBO of its own VAE alone
+(the frozen first stage the checkpoint holds, N(0, I) prior) on the same test images, with the
+same binarizations and posterior draws (image i with u from derived_seed(seed, 6, i),
 as `python -m lsgm_edu eval --metric nll` draws them), the paired per-image difference with its
-standard error. Writes lsgm_mnist.json and lsgm_mnist.png to --out (benchmarks/results).
+standard error; beside them the NELBO of chapter 10's VAE (`vae_mnist_book`, trained with KL
+weight 1, for likelihood rather than for a sharp latent). Writes lsgm_mnist.json and lsgm_mnist.png to --out (benchmarks/results).
 
-    python benchmarks/lsgm.py [--vae PATH] [--lsgm PATH] [--out DIR] [--quick]
+    python benchmarks/lsgm.py [--lsgm PATH] [--out DIR] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +36,7 @@ from lsgm_edu.train import derived_seed, load_lsgm, load_score_model, seeded_gen
 from lsgm_edu.utils import PerSampleGenerators
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine
+from _common import machine, utc_now, write_results
 
 TOLERANCES = [1e-2, 1e-3, 1e-4, 1e-5]
 NLL_TOL = 1e-5  # the ODE tolerance of the likelihood, as LSGM evaluates it
@@ -135,20 +135,21 @@ def plot(report: dict, path: Path) -> None:
     from lsgm_edu.viz import save_figure
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1.6, 1]})
-    styles = {"lsgm": ("LSGM: latent PF-ODE (20x8x8)", "tab:blue", "o-"),
+    styles = {"lsgm": ("LSGM: latent PF-ODE (4x4x4)", "tab:blue", "o-"),
               "data_space": ("DDPM++: pixel PF-ODE (28x28)", "tab:orange", "s-")}
     for key, (label, color, marker) in styles.items():
         rows = report["sampling"][key]
         nfe, fid = [r["nfe_mean"] for r in rows], [r["classifier_fid"] for r in rows]
-        ax.plot(nfe, fid, marker, color=color, label=label, ms=6)
+        ax.errorbar(nfe, fid, yerr=[r.get("classifier_fid_sd") or 0 for r in rows], fmt=marker,
+                    color=color, label=label, ms=6, capsize=3)
         for r in rows:
             ax.annotate(f"tol {r['tol']:.0e}", (r["nfe_mean"], r["classifier_fid"]),
                         textcoords="offset points", xytext=(5, 6), fontsize=8, color=color)
     refs = report["reference_fids"]
     ax.axhline(refs["vae_prior"]["classifier_fid"], color="tab:red", ls="--", lw=1.2,
-               label=f"VAE alone, N(0, I) prior (NFE 0): {refs['vae_prior']['classifier_fid']:.1f}")
+               label=f"its VAE alone, N(0, I) prior (NFE 0): {refs['vae_prior']['classifier_fid']:.1f}")
     ax.axhline(refs["train_subset_vs_test"]["classifier_fid"], color="gray", ls=":", lw=1.2,
-               label=f"floor: {refs['train_subset_vs_test']['n']} train images vs test: "
+               label=f"floor: sets of {refs['train_subset_vs_test']['n']} train images vs test: "
                      f"{refs['train_subset_vs_test']['classifier_fid']:.1f}")
     ax.axhline(refs["test_halves"]["classifier_fid"], color="k", ls="-.", lw=1,
                label=f"floor: test halves (250 vs 250): {refs['test_halves']['classifier_fid']:.1f}")
@@ -166,8 +167,8 @@ def plot(report: dict, path: Path) -> None:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
 
     nll = report["nll"]
-    names = ["vae", "lsgm"]
-    labels = ["VAE alone\n(NELBO)", "LSGM\n(VAE + score prior)"]
+    names = ["vae", "lsgm", "vae_kl1"]
+    labels = ["its VAE alone\n(NELBO)", "LSGM\n(VAE + score prior)", "KL-1 VAE\n(chapter 10)"]
     recon = [nll[k]["reconstruction_nats"] for k in names]
     kl = [nll[k]["kl_nats"] for k in names]
     bx.bar(labels, recon, color="tab:green", alpha=0.7, label="reconstruction  -log p(x|z)")
@@ -195,31 +196,38 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     here = Path(__file__).resolve().parent
     shipped = Path(data.__file__).resolve().parent.parent / "data" / "checkpoints"
-    parser.add_argument("--vae", type=Path, default=shipped / "lsgm_mnist_book_vae.json",
-                        help="stage-'vae' checkpoint (the VAE alone)")
     parser.add_argument("--lsgm", type=Path, default=shipped / "lsgm_mnist_book.json",
-                        help="the LSGM checkpoint")
+                        help="the LSGM checkpoint (prior trained on its frozen VAE)")
+    parser.add_argument("--kl1-vae", type=Path, default=shipped / "vae_mnist_book.json",
+                        help="a VAE trained with KL weight 1, for the NLL table")
     parser.add_argument("--data-space", type=Path, default=shipped / "mnist28_ddpmpp_vp.json",
                         help="the data-space score model")
     parser.add_argument("--num-samples", type=int, help="samples per model and tolerance "
-                        "(default 1000; --quick 100)")
+                        "(default 500; --quick 100)")
     parser.add_argument("--num-nll", type=int, help="test images of the NLL table (default all "
                         "500 of the mnist5k test split; --quick 100)")
     parser.add_argument("--tolerances", type=float, nargs="+", default=TOLERANCES)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fid-draws", type=int, help="independent sample sets per "
+                        "model and tolerance (seeds seed, seed + 1, ...): the FID's mean and its "
+                        "spread (default 4; --quick 1)")
     parser.add_argument("--out", type=Path, default=here / "results", help="output folder")
     parser.add_argument("--quick", action="store_true", help="100 samples and 100 NLL images")
     args = parser.parse_args(argv)
-    n = args.num_samples or (100 if args.quick else 1000)
+    n = args.num_samples or (100 if args.quick else 500)
     n_nll = args.num_nll or (100 if args.quick else 500)
+    args.fid_draws = args.fid_draws or (1 if args.quick else 4)
     start = time.perf_counter()
 
-    vae_models, vae_sde, _ = load_lsgm(args.vae)
     models, sde, cfg = load_lsgm(args.lsgm)
-    if vae_sde is not None or sde is None:
-        raise SystemExit(f"--vae must be a stage-'vae' checkpoint and --lsgm an LSGM one "
-                         f"(got {args.vae}, {args.lsgm})")
+    if sde is None or cfg.lsgm.train_vae:
+        raise SystemExit(f"--lsgm must be an LSGM whose prior trained on a frozen VAE "
+                         f"(lsgm.train_vae: false), so that its VAE is the VAE alone: {args.lsgm}")
+    vae_models = torch.nn.ModuleDict({"vae": models["vae"]})
+    kl1_models, kl1_sde, _ = load_lsgm(args.kl1_vae)
+    if kl1_sde is not None:
+        raise SystemExit(f"--kl1-vae must be a stage-'vae' checkpoint: {args.kl1_vae}")
     ds_model, ds_cfg = load_score_model(args.data_space)
     classifier = metrics.load_classifier(data.shipped_file("checkpoints/mnist5k_classifier.json"))
     reference = data.load_dataset("mnist5k", "test").data
@@ -228,8 +236,9 @@ def main(argv=None) -> dict:
     def fid(images):
         return metrics.classifier_fid(images, reference, classifier)
 
-    subset = torch.randperm(len(train), generator=seeded_generator(args.seed, TRAIN_SUBSET_STREAM))
-    subset = subset[: min(n, len(train))]
+    order = torch.randperm(len(train), generator=seeded_generator(args.seed, TRAIN_SUBSET_STREAM))
+    size = min(n, len(train))
+    subset_fids = [fid(train[order[i : i + size]]) for i in range(0, len(train) - size + 1, size)]
     t0 = time.perf_counter()
     vae_images = to_uint8_28(vae_models["vae"].sample(
         n, seeded_generator(args.seed, SAMPLE_STREAM), use_mean=True))
@@ -237,32 +246,47 @@ def main(argv=None) -> dict:
     reference_fids = {
         "vae_prior": {"classifier_fid": fid(vae_images), "nfe": 0, "n": n,
                       "wall_s": round(vae_wall, 3),
-                      "note": "the stage-'vae' VAE decoding z ~ N(0, I) (Bernoulli mean)"},
+                      "note": "the LSGM's frozen VAE decoding z ~ N(0, I) (Bernoulli mean)"},
         "test_halves": {"classifier_fid": metrics.classifier_fid(reference[0::2], reference[1::2],
                                                                  classifier), "n": 250,
                         "note": "even vs odd test images (the split is sorted by label)"},
-        "train_subset_vs_test": {"classifier_fid": fid(train[subset]), "n": len(subset),
-                                 "note": "a seeded random subset of the train split, as many "
-                                         "images as each model's sample set, vs the test set"},
+        "train_subset_vs_test": {"classifier_fid": sum(subset_fids) / len(subset_fids),
+                                 "classifier_fid_sd": float(torch.tensor(subset_fids).std())
+                                 if len(subset_fids) > 1 else None,
+                                 "classifier_fid_draws": subset_fids, "n": size,
+                                 "note": "disjoint seeded random subsets of the train split, as "
+                                         "many images as each model's sample set, vs the test "
+                                         "set: the mean, and the spread that is the FID's own "
+                                         "sampling noise at this n"},
     }
     print(json.dumps({k: round(v["classifier_fid"], 3) for k, v in reference_fids.items()}),
           flush=True)
 
     sampling = {"lsgm": [], "data_space": []}
-    runs = {"lsgm": lambda tol: sample_lsgm(models, sde, cfg, n, tol, args.batch_size, args.seed),
-            "data_space": lambda tol: sample_data_space(ds_model, ds_cfg, n, tol, args.batch_size,
-                                                        args.seed)}
+    runs = {"lsgm": lambda tol, seed: sample_lsgm(models, sde, cfg, n, tol, args.batch_size,
+                                                  seed),
+            "data_space": lambda tol, seed: sample_data_space(ds_model, ds_cfg, n, tol,
+                                                              args.batch_size, seed)}
     for tol in args.tolerances:
         for key, run in runs.items():
-            t0 = time.perf_counter()
-            images, nfes = run(tol)
-            wall = time.perf_counter() - t0
-            row = {"tol": tol, "nfe_mean": sum(nfes) / len(nfes), "nfe_per_batch": nfes,
-                   "classifier_fid": fid(images), "wall_s": round(wall, 2),
-                   "images_per_s": round(n / wall, 2)}
+            fids, nfe_draws, walls = [], [], []
+            for draw in range(args.fid_draws):  # independent sample sets: seed + draw
+                t0 = time.perf_counter()
+                images, nfes = run(tol, args.seed + draw)
+                walls.append(time.perf_counter() - t0)
+                fids.append(fid(images))
+                nfe_draws.append(sum(nfes) / len(nfes))
+            row = {"tol": tol, "nfe_mean": sum(nfe_draws) / len(nfe_draws),
+                   "nfe_per_draw": nfe_draws, "classifier_fid": sum(fids) / len(fids),
+                   "classifier_fid_sd": float(torch.tensor(fids).std()) if len(fids) > 1 else None,
+                   "classifier_fid_draws": fids, "wall_s": round(sum(walls) / len(walls), 2),
+                   "images_per_s": round(n * len(walls) / sum(walls), 2)}
             sampling[key].append(row)
+            sd = row["classifier_fid_sd"]
             print(f"{key:>10} tol {tol:.0e}: NFE {row['nfe_mean']:6.1f}  classifier-FID "
-                  f"{row['classifier_fid']:7.2f}  {wall:7.1f} s", flush=True)
+                  f"{row['classifier_fid']:7.2f}" + (f" ± {sd:.2f} (s.d., {len(fids)} draws)"
+                                                     if sd is not None else "")
+                  + f"  {row['wall_s']:7.1f} s per draw", flush=True)
 
     x, index = binarized_test_images(n_nll, args.seed)
     vc = cfg.model.vae
@@ -275,19 +299,23 @@ def main(argv=None) -> dict:
     lsgm_terms, lsgm_nfes = nll_per_image(models, sde, x, args.batch_size, args.seed,
                                           cfg.sampling.eps)
     lsgm_nll_wall = time.perf_counter() - t0
+    kl1_terms, kl1_nfes = nll_per_image(kl1_models, None, x, args.batch_size, args.seed,
+                                        cfg.sampling.eps)
     diff = lsgm_terms["nll"] - vae_terms["nll"]
     d_mean, d_se = mean_se(diff)
     nll = {
         "n": len(index), "dims": dims, "ode_tol": NLL_TOL, "ode_eps": cfg.sampling.eps,
         "vae": {**nll_summary(vae_terms, vae_nfes, dims), "wall_s": round(vae_nll_wall, 2)},
         "lsgm": {**nll_summary(lsgm_terms, lsgm_nfes, dims), "wall_s": round(lsgm_nll_wall, 2)},
+        "vae_kl1": {**nll_summary(kl1_terms, kl1_nfes, dims), "config": "vae_mnist_book",
+                    "note": "chapter 10's VAE, trained with KL weight 1 (20x8x8 latent)"},
         "paired_difference": {"mean_nats": d_mean, "se_nats": d_se, "z": d_mean / d_se,
                               "bpd": d_mean / (dims * math.log(2)),
                               "bpd_se": d_se / (dims * math.log(2)),
                               "fraction_lower": float((diff < 0).double().mean()),
                               "note": "per image: LSGM bound - VAE NELBO (negative: LSGM better)"},
     }
-    for k in ("vae", "lsgm"):
+    for k in ("vae", "lsgm", "vae_kl1"):
         r = nll[k]
         print(f"{k:>10} NLL {r['nll_nats']:.3f} ± {r['nll_se']:.3f} nats = {r['bpd']:.4f} ± "
               f"{r['bpd_se']:.4f} bpd, NFE {r['nfe_mean']:.0f}", flush=True)
@@ -296,12 +324,14 @@ def main(argv=None) -> dict:
 
     report = {
         "benchmark": "lsgm_mnist",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": machine(),
         "settings": {
             "quick": args.quick, "num_samples": n, "num_nll": len(index),
+            "fid_draws": args.fid_draws,
             "tolerances": args.tolerances, "batch_size": args.batch_size, "seed": args.seed,
-            "vae": str(args.vae), "lsgm": str(args.lsgm), "data_space": str(args.data_space),
+            "lsgm": str(args.lsgm), "kl1_vae": str(args.kl1_vae),
+            "data_space": str(args.data_space),
             "lsgm_config": cfg.name, "data_space_config": ds_cfg.name,
             "sampler": "probability_flow, dopri5, rtol = atol = tol, no denoising step; eps: "
                        f"LSGM {cfg.sampling.eps}, data space {ds_cfg.sampling.eps} (each "
@@ -323,11 +353,7 @@ def main(argv=None) -> dict:
         "nll": nll,
         "total_wall_s": round(total_wall, 1),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "lsgm_mnist.json"
-    tmp = json_path.with_name(f".{json_path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, json_path)
+    json_path = write_results(report, args.out / "lsgm_mnist.json")
     plot(report, args.out / "lsgm_mnist.png")
     print(json.dumps({"written": str(json_path), "total_wall_s": report["total_wall_s"]}))
     return report
