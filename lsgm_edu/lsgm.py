@@ -383,13 +383,15 @@ NLL_ESTIMATORS = ("ode", "cross_entropy")
 @torch.no_grad()
 def nll_bound(models, sde: SDE | None, x: torch.Tensor, *, ode_eps: float = 1e-5,
               tol: float = 1e-5, generator: torch.Generator | None = None,
-              estimator: str = "ode", t_sampler=None, draws: int = 16) -> NLLBound:
+              estimator: str = "ode", t_sampler=None, draws: int = 16,
+              exact_divergence: bool = False) -> NLLBound:
     """LSGM's single-sample NLL bound for images x in [0, 1] (its evaluation protocol): z ~ q(z | x)
     once, log p(z0) of the top latent, lower groups under N(0, I). With models lacking "sgm"
     (or sde None) it is the VAE's own NELBO, recon + Σ KL.
 
     estimator "ode": log p(z0) by the probability-flow ODE from ode_eps to 1 (dopri5 at
-    rtol = atol = tol, one Gaussian Hutchinson probe; LSGM App. F), nfe = its evaluations.
+    rtol = atol = tol, one Gaussian Hutchinson probe as LSGM App. F, or the exact divergence
+    for small latents), nfe = its evaluations.
     estimator "cross_entropy": -log p(z0) <= the denoising cross-entropy `cross_entropy_at`
     (eq. 8), averaged over `draws` draws of (t ~ t_sampler, ε): the training objective's bound,
     an upper bound on -log p_SDE(z0) in expectation; nfe = draws."""
@@ -407,8 +409,8 @@ def nll_bound(models, sde: SDE | None, x: torch.Tensor, *, ode_eps: float = 1e-5
     z0 = vae.top_latent(out.eps[:top])
     if estimator == "ode":
         with torch.enable_grad():
-            res = log_likelihood(sde, models["sgm"], z0, rtol=tol, atol=tol, eps=ode_eps,
-                                 probe="gaussian", generator=generator)
+            res = log_likelihood(sde, models["sgm"], z0, exact_divergence, rtol=tol, atol=tol,
+                                 eps=ode_eps, probe="gaussian", generator=generator)
         log_p_top, nfe = res.logp, int(res.nfe)
     else:
         eps_fn = eps_of(models["sgm"], sde)
@@ -417,6 +419,19 @@ def nll_bound(models, sde: SDE | None, x: torch.Tensor, *, ode_eps: float = 1e-5
         nfe = draws
     log_p = log_p_top.to(recon.dtype) - normal_cross_entropy(out.eps[top:]).to(recon.dtype)
     return NLLBound(recon + log_q - log_p, recon, log_q, log_p, nfe)
+
+
+@torch.no_grad()
+def iw_bound(models, sde: SDE | None, x: torch.Tensor, k: int, **bound_kwargs) -> torch.Tensor:
+    """The importance-weighted bound [B] (nats) with k posterior samples per image (Burda et al.
+    2016, eq. 8): -log p(x) <= -log (1/k) Σ_j exp(-nelbo_j), nelbo_j = recon + log q - log p(z_j)
+    of `nll_bound` (same keywords; one solve over all k B latents). k = 1 is `nll_bound`. A noisy
+    log p(z_j) (Hutchinson, or the cross-entropy estimator) biases the log-sum-exp low: use
+    exact_divergence=True where the latent is small."""
+    check_int("iw_bound", "k", k, 1)
+    terms = nll_bound(models, sde, x.repeat(k, *([1] * (x.ndim - 1))), **bound_kwargs)
+    log_w = -terms.nll.reshape(k, len(x))
+    return math.log(k) - torch.logsumexp(log_w, 0)
 
 
 def _check_nll_args(estimator, t_sampler, draws) -> None:

@@ -396,3 +396,30 @@ def test_nll_bound_estimators_give_the_vaes_nelbo_under_a_normal_prior():
     with pytest.raises(ValueError, match="draws must be an int >= 1"):
         nll_bound(models, sde, x[:2], estimator="cross_entropy",
                   t_sampler=time_sampler("ll_iw", sde, 0.01), draws=0)
+
+
+def test_iw_bound_is_the_single_sample_bound_at_k_1_and_tightens_with_k():
+    """k = 1 is `nll_bound` on the same draws; the bound decreases with k in expectation (Burda et
+    al. 2016, Thm. 1), here far beyond its standard error; with a Normal score prior and the
+    exact divergence it is the VAE alone's IW bound on the same draws (the PF-ODE does not move)."""
+    from lsgm_edu.lsgm import iw_bound, nll_bound
+    from lsgm_edu.vae import NVAE, VAEConfig
+
+    vae = NVAE(VAEConfig(**TINY_VAE), generator=0).eval()
+    x = (torch.rand(64, 1, 8, 8, generator=gen(9)) > 0.5).float()
+    torch.testing.assert_close(iw_bound({"vae": vae}, None, x, 1, generator=gen(4)),
+                               nll_bound({"vae": vae}, None, x, generator=gen(4)).nll,
+                               atol=0, rtol=0)
+    bounds = {k: torch.stack([iw_bound({"vae": vae}, None, x, k, generator=gen(10 * k + r))
+                              for r in range(8)]).mean(0) for k in (1, 4, 32)}
+    for small, large in ((1, 4), (4, 32)):
+        gain = bounds[small] - bounds[large]  # per image, averaged over 8 repetitions
+        assert gain.mean() > 4 * gain.std() / math.sqrt(len(gain)) > 0, (small, large)
+
+    sde = VPSDE()
+    models = {"vae": vae, "sgm": MixedScore(ZeroNet(), sde, channels=4, logit_init=-math.inf)}
+    torch.testing.assert_close(
+        iw_bound(models, sde, x[:4], 8, generator=gen(5), exact_divergence=True),
+        iw_bound({"vae": vae}, None, x[:4], 8, generator=gen(5)), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        iw_bound({"vae": vae}, None, x, 0)

@@ -385,6 +385,18 @@ def test_cli_trains_both_stages_then_samples_and_evaluates_the_bound(tmp_path, c
     assert ce["estimator"] == "cross_entropy" and ce["nfe"] == 3 and "3 draws of t ~ ll_iw" in \
         ce["protocol"] and math.isfinite(ce["nll_nats"])
     assert results["lsgm"]["estimator"] == "ode" and results["vae"]["estimator"] is None
+    out = tmp_path / "iw.json"  # the importance-weighted bound: the VAE's, with 16 samples
+    assert main(["eval", "--metric", "nll", "--checkpoint", str(vae_ckpt), "--num-samples", "6",
+                 "--batch-size", "3", "--iw-samples", "16", "--json", str(out)]) == 0
+    iw = json.loads(out.read_text())
+    assert iw["iw_samples"] == 16 and "importance-weighted bound with 16" in iw["protocol"]
+    assert iw["nll_nats"] < results["vae"]["nll_nats"]  # tighter than the single-sample bound
+    assert results["vae"]["iw_samples"] == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one line, exit status 2
+        main(["eval", "--metric", "nll", "--checkpoint", str(vae_ckpt), "--iw-samples", "0"])
+    assert exit_info.value.code == 2
+    assert "--iw-samples: must be at least 1, got 0" in capsys.readouterr().err
     png = tmp_path / "s.png"
     assert main(["sample", "--checkpoint", str(lsgm_ckpt), "--n", "4", "--method", "em",
                  "--steps", "5", "--out", str(png)]) == 0
