@@ -87,9 +87,12 @@ def backward(loss, state: TrainState) -> None:
 def bench(config: str, batch_size: int, steps: int, warmup: int, device: str, precision: str,
           compile_model: bool, checkpointing: bool, overrides: list[str]) -> dict:
     lsgm = is_lsgm(load_config(config))
-    unet = "model.sgm" if lsgm else "model"  # the U-Net's section: an LSGM's score prior
+    flag = str(checkpointing).lower()  # the U-Net's, and an LSGM's VAE and score prior's
+    sections = ["model.vae", "model.sgm"] if lsgm else ["model"]
+    end_to_end = ["lsgm.train_vae=true"] if lsgm else []  # the step timed, with a random VAE
     cfg = load_config(config, [f"train.batch_size={batch_size}", f"train.precision={precision}",
-                               f"{unet}.checkpointing={str(checkpointing).lower()}", *overrides])
+                               *[f"{s}.checkpointing={flag}" for s in sections], *end_to_end,
+                               *overrides])
     dev = torch.device(device)
     setup = training_setup(cfg, "lsgm" if lsgm else None)
     state = TrainState(setup.models, dev)

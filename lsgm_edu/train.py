@@ -414,10 +414,11 @@ def load_vae_weights(path: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
     VAE of `cfg.model.vae`."""
     tensors, meta = ckpt.load_checkpoint(path)
     saved = meta.get("config", {}).get("model", {}).get("vae")
-    now = json.loads(json.dumps(dataclasses.asdict(cfg.model.vae)))
+    now = _function_keys(json.loads(json.dumps(dataclasses.asdict(cfg.model.vae))))
     if saved is None:
         raise ConfigError(f"lsgm.vae_checkpoint={path}: not a checkpoint of an LSGM's VAE "
                           f"(its config has no model.vae); train one with --stage vae")
+    saved = _function_keys(saved)
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items()
              if saved.get(k) != v]
     if diffs:
@@ -583,10 +584,24 @@ def _check_model_losses(losses: dict, state: TrainState) -> None:
                          f"{sorted(state.modules)}: give one loss per trained model")
 
 
+# Model keys that change memory and time, not the function a model computes: a run may resume,
+# or load a VAE, with them changed.
+RUNTIME_ONLY_KEYS = ("checkpointing",)
+
+
+def _function_keys(config: dict) -> dict:
+    """`config` without RUNTIME_ONLY_KEYS, at any depth."""
+    return {k: _function_keys(v) if isinstance(v, dict) else v for k, v in config.items()
+            if k not in RUNTIME_ONLY_KEYS}
+
+
 def _same_training_problem(saved: dict, cfg: Config) -> None:
     """A resumed run must train the same model on the same data with the same SDE."""
     saved = convert_legacy(saved)[0]
     now = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as in the sidecar
+    if "model" in saved:
+        saved = {**saved, "model": _function_keys(saved["model"])}
+        now = {**now, "model": _function_keys(now["model"])}
     diffs = [
         f"{section}.{k}: checkpoint {saved[section].get(k)!r} vs now {now[section][k]!r}"
         for section in ("model", "sde", "data")

@@ -96,6 +96,7 @@ class VAEConfig:
     input_skip: bool = False  # --progressive_input_vae input_skip (CelebA-HQ 256)
     log_sig_q_scale: float = 5.0  # --log_sig_q_scale: log σ_q soft-clamped to ±this
     crop_output: int = 0  # border pixels left out of log p(x|z) (2: MNIST/OMNIGLOT)
+    checkpointing: bool = False  # activation checkpointing of the residual cells (memory)
 
     def __post_init__(self):
         if isinstance(self.ch_mult, list):  # YAML gives lists
@@ -613,6 +614,36 @@ class SpectralPowerIteration(nn.Module):
         return (u.unsqueeze(1) @ weights @ v.unsqueeze(2)).sum()
 
 
+def checkpoint_keeping_batchnorm_stats(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """block(x) with activation checkpointing (torch.utils.checkpoint, non-reentrant): the
+    activations are recomputed in the backward pass instead of stored. The recomputation would
+    update the BatchNorm running statistics a second time; they are put back as the first pass
+    left them, so a checkpointed step changes the model exactly as a plain one does."""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.training and m.track_running_stats]
+    passes = 0
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        nonlocal passes
+        passes += 1
+        if passes == 1 or not norms:
+            return block(inp)
+        stats = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+                 for m in norms]
+        out = block(inp)
+        with torch.no_grad():
+            for m, saved in zip(norms, stats):
+                for buffer, value in zip((m.running_mean, m.running_var, m.num_batches_tracked),
+                                         saved):
+                    buffer.copy_(value)
+        return out
+
+    with set_checkpoint_early_stop(False):  # run the recomputation to its end, where it restores
+        return checkpoint(run, x, use_reentrant=False)
+
+
 class NVAE(nn.Module):
     """NVAE with N(0, I) priors on every group (LSGM's first stage; Vahdat & Kautz 2020).
 
@@ -786,11 +817,11 @@ class NVAE(nn.Module):
         """Bottom-up pass -> (top feature, features saved for the encoder combiners)."""
         h = self.stem(self.preprocess_images(x))
         for cell in self.preprocess:
-            h = cell(h)
+            h = self._run(cell, h)
         cfg, pyramid, saved, j = self.config, h, [], 0
         for s in range(cfg.num_latent_scales):
             for _ in range(cfg.num_groups_per_scale):
-                h = self.encoder_groups[j](h)
+                h = self._run(self.encoder_groups[j], h)
                 if j < len(self.encoder_combiners):
                     saved.append(h)
                 j += 1
@@ -810,13 +841,20 @@ class NVAE(nn.Module):
             for _ in range(cfg.num_groups_per_scale):
                 eps = latent_for_group(j, s)
                 s = self.decoder_combiners[j](s, self.latent_convs[j](eps))
-                s = self.decoder_groups[j](s)
+                s = self._run(self.decoder_groups[j], s)
                 j += 1
             if scale < cfg.num_latent_scales - 1:
                 s = self.decoder_up[scale](s)
         for cell in self.postprocess:
-            s = cell(s)
+            s = self._run(cell, s)
         return self.output(s)
+
+    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Call a residual cell (or group of cells), through activation checkpointing when
+        enabled and a backward pass will follow."""
+        if self.config.checkpointing and torch.is_grad_enabled():
+            return checkpoint_keeping_batchnorm_stats(block, x)
+        return block(x)
 
     def forward(self, x: torch.Tensor, generator=None) -> VAEOutput:
         """Encode x in [0, 1], sample every group from q (reparameterized), decode."""

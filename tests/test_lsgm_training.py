@@ -345,6 +345,18 @@ def test_vae_checkpoint_of_another_architecture_is_refused(tmp_path):
         lsgm_setup(tiny(model=other, lsgm={"vae_checkpoint": str(vae_run.checkpoint)}))
 
 
+def test_activation_checkpointing_may_differ_from_the_vae_checkpoint_and_on_resume(tmp_path):
+    """model.vae.checkpointing changes memory and time, not the model: a VAE trained without it
+    loads into a stage that uses it, and a run resumes with it switched."""
+    vae_run = _run(tmp_path, "vae", tiny(), stage="vae")
+    model = copy.deepcopy(TINY["model"])
+    model["vae"]["checkpointing"] = True
+    lsgm_setup(tiny(model=model, lsgm={"vae_checkpoint": str(vae_run.checkpoint)}))
+    resumed = _run(tmp_path, "vae", tiny(model=model, lsgm={"vae_pretrain_iters": 8}),
+                   stage="vae")
+    assert resumed.step == 8
+
+
 # --- the command line ----------------------------------------------------------------------------
 
 

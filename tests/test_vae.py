@@ -544,3 +544,30 @@ def test_config_validation_names_the_field():
         vae(torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="split_top_latent"):
         vae.split_top_latent(torch.zeros(2, 5, 2, 2))
+
+
+def test_activation_checkpointing_changes_memory_not_the_training_step():
+    """model.vae.checkpointing recomputes each cell in the backward pass (the cells run twice)
+    and gives the same loss, gradients and BatchNorm running statistics as the plain step."""
+    results = {}
+    for checkpointing in (False, True):
+        vae = NVAE(tiny(checkpointing=checkpointing), generator=0).train()
+        calls = []
+        vae.postprocess[0].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        x = (torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+        out = vae(x, torch.Generator().manual_seed(2))
+        loss = (vae.reconstruction_loss(out, x) + torch.stack(out.kl).sum(0)).mean()
+        loss.backward()
+        results[checkpointing] = (loss.detach(), {n: p.grad.clone() for n, p in
+                                                  vae.named_parameters() if p.grad is not None},
+                                  {n: b.clone() for n, b in vae.named_buffers()
+                                   if "running" in n or "num_batches" in n}, len(calls))
+    (loss0, grads0, stats0, calls0), (loss1, grads1, stats1, calls1) = results[False], results[True]
+    assert (calls0, calls1) == (1, 2)  # recomputed in backward
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    assert grads1.keys() == grads0.keys() and len(grads0) > 0
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert stats1.keys() == stats0.keys() and len(stats0) > 0
+    for name in stats0:
+        torch.testing.assert_close(stats1[name], stats0[name], rtol=0, atol=0, msg=name)
