@@ -114,6 +114,8 @@ def cmd_sample(args) -> int:
         cfg.sampling.steps = args.steps
     if args.method:
         cfg.sampling.method = args.method
+    if args.striding:
+        cfg.sampling.striding = args.striding
     y = None
     if args.class_label is not None:
         y = torch.full((args.n,), args.class_label, dtype=torch.long, device=args.device)
@@ -130,7 +132,7 @@ def cmd_likelihood(args) -> int:
     import torch
 
     from lsgm_edu import data as data_module
-    from lsgm_edu.likelihood import log_likelihood
+    from lsgm_edu.likelihood import data_log_likelihood
     from lsgm_edu.train import seeded_generator
 
     model, cfg = _load_model(args)
@@ -145,9 +147,10 @@ def cmd_likelihood(args) -> int:
         u = torch.stack([torch.rand(xs.shape[1:], generator=seeded_generator(args.seed, 6, i))
                          for i in index])
         x = data_module.dequantize(xs, ds.num_levels, noise=u, data_range=data_range)
-        res = log_likelihood(model.sde, model, x.to(args.device), rtol=args.tol, atol=args.tol,
-                             eps=cfg.train.eps, n_bins=ds.num_levels, data_range=data_range,
-                             generator=seeded_generator(args.seed, 7, start))
+        res = data_log_likelihood(model.sde, model, x.to(args.device), rtol=args.tol,
+                                  atol=args.tol, eps=cfg.train.eps, n_bins=ds.num_levels,
+                                  data_range=data_range,
+                                  generator=seeded_generator(args.seed, 7, start))
         bpds.append(res.bpd.cpu())
         nfes.append(res.nfe)
         print(f"{start + len(xs)}/{n}: bits/dim so far {torch.cat(bpds).mean():.4f}",
@@ -159,7 +162,9 @@ def cmd_likelihood(args) -> int:
         "nfe": sum(nfes) / len(nfes),
         "protocol": f"uniform dequantization with {ds.num_levels} levels (noise of image i "
                     f"from seed derived_seed({args.seed}, 6, i)), PF-ODE dopri5 "
-                    f"rtol=atol={args.tol}, Hutchinson (1 Rademacher probe), eps={cfg.train.eps}",
+                    f"rtol=atol={args.tol}, Hutchinson (1 Rademacher probe), eps={cfg.train.eps}"
+                    + ("" if model.sde.K == 1 else "; phase space: the bound NLL(x, m0) - "
+                       "H(p(m0)) with m0 drawn from the lift (Dockhorn et al. 2022)"),
     }, args.json)
     return 0
 
@@ -221,7 +226,7 @@ def sample_batches(model, cfg, n, batch_size, seed, device, y=None, progress=Tru
 
 def _sampler_info(cfg) -> dict:
     return {"method": cfg.sampling.method, "steps": cfg.sampling.steps, "snr": cfg.sampling.snr,
-            "n_corrector": cfg.sampling.n_corrector}
+            "n_corrector": cfg.sampling.n_corrector, "striding": cfg.sampling.striding}
 
 
 def cmd_eval(args) -> int:
@@ -245,6 +250,8 @@ def cmd_eval(args) -> int:
         cfg.sampling.steps = args.steps
     if args.method:
         cfg.sampling.method = args.method
+    if getattr(args, "striding", None):
+        cfg.sampling.striding = args.striding
     n = args.num_samples or cfg.eval.num_samples
     levels, discretization = _num_levels(cfg), _discretization(cfg)
     result = {"checkpoint": str(args.checkpoint), "config": cfg.name, "num_samples": n,
@@ -522,7 +529,7 @@ def cmd_export(args) -> int:
 def cmd_prepare_celebahq(args) -> int:
     from lsgm_edu.data import prepare_image_folder
 
-    prepare_image_folder(args.src, args.dst, size=args.size)
+    prepare_image_folder(args.src, args.dst, size=args.size, crop=args.crop)
     return 0
 
 
@@ -570,7 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--steps", type=int)
-    p.add_argument("--method", choices=["pc", "em", "ode"])
+    p.add_argument("--method", choices=["pc", "em", "ode", "sscs"])
+    p.add_argument("--striding", choices=["uniform", "quadratic"],
+                   help="time grid of em / sscs (default: the config's)")
     p.add_argument("--class-label", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -594,7 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="fid", choices=["fid", "classifier-fid", "bpd", "nll"],
                    help="fid (with IS), classifier-fid (digits), bpd (PF-ODE bits/dim) or nll "
                         "(an LSGM's bound in nats)")
-    p.add_argument("--method", choices=["pc", "em", "ode"], help="sampler (default: the config's)")
+    p.add_argument("--method", choices=["pc", "em", "ode", "sscs"],
+                   help="sampler (default: the config's)")
+    p.add_argument("--striding", choices=["uniform", "quadratic"],
+                   help="time grid of em / sscs (default: the config's)")
     p.add_argument("--tol", type=float, default=1e-5,
                    help="rtol = atol of the PF-ODE: the likelihood's for --metric nll, the "
                         "sampler's for an LSGM's classifier-fid with --method ode")
@@ -644,10 +656,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results of eval to keep in the sidecar, by file name (e.g. nll.json)")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("prepare-celebahq", help="build the CelebA-HQ 256 folder from 1024 images")
+    p = sub.add_parser("prepare-celebahq", help="build the CelebA-HQ 256 folder from 1024 images "
+                       "(or, with --size 64 --crop 140, the CelebA 64 folder from img_align_celeba)")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--size", type=int, default=256)
+    p.add_argument("--crop", type=int, default=None,
+                   help="centre-crop this square before resizing (default: the largest square); "
+                        "140 for CelebA 64")
     p.set_defaults(fn=cmd_prepare_celebahq)
 
     p = sub.add_parser("configs", help="list the shipped configs")

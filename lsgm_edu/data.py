@@ -1,4 +1,4 @@
-"""Image datasets (8x8 digits, MNIST, CIFAR-10, CelebA-HQ 256, and LSGM's binarized MNIST and
+"""Image datasets (8x8 digits, MNIST, CIFAR-10, CelebA 64, CelebA-HQ 256, and LSGM's binarized MNIST and
 OMNIGLOT and 5-bit CelebA-HQ 256) and the transforms that feed them to a score model.
 
 Every dataset yields raw integer images, uint8 [C, H, W] with levels {0, ..., num_levels - 1},
@@ -90,6 +90,9 @@ _IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC = 2051, 2049
 
 CELEBAHQ_FOLDER = "celebahq256"
 CELEBAMASK_HQ_URL = "https://github.com/switchablenorms/CelebAMask-HQ"
+CELEBA64_FOLDER = "celeba64"
+CELEBA_URL = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
+CELEBA64_CROP = 140  # the centre square of CelebA's aligned 178x218 faces that is resized to 64
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 # The IWAE split of OMNIGLOT (Burda et al. 2016) that LSGM and NVAE train on; the MD5 is the
@@ -142,6 +145,9 @@ DATASETS: dict[str, DatasetInfo] = {
                     "CIFAR-10, 50,000 train / 10,000 test 32x32 colour images (python pickles)"),
         DatasetInfo("celebahq256", (3, 256, 256), 1, 256, ("train",),
                     "CelebA-HQ at 256x256, 30,000 unlabelled faces (a folder of PNG/JPEG files)"),
+        DatasetInfo("celeba64", (3, 64, 64), 1, 256, ("train",),
+                    "CelebA's 202,599 aligned faces, centre 140x140 crop resized to 64x64, "
+                    "unlabelled (a folder of PNG files)"),
         # LSGM's data: dynamically binarized sets padded to 32 x 32, and 5-bit CelebA-HQ 256
         DatasetInfo("binarized_digits8x8", (1, 8, 8), 10, 17, ("train", "test"),
                     "digits8x8, dynamically binarized: Bernoulli(x / 16) per batch (offline)",
@@ -305,7 +311,8 @@ def load_dataset(name: str, split: str = "train", data_dir=None,
 
     The binarized_ sets (`DatasetInfo.binarize`) hold grey levels, padded to 32 x 32 except
     binarized_digits8x8; apply `binarize` to every batch, test batches included.
-    celebahq256_5bit reads the celebahq256 folder and yields 32 levels (x // 8).
+    celebahq256_5bit reads the celebahq256 folder and yields 32 levels (x // 8). celebahq256 and
+    celeba64 are folders of images you build (`prepare_image_folder`; data/README.md).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -331,6 +338,8 @@ def load_dataset(name: str, split: str = "train", data_dir=None,
         return _load_omniglot(root, split, download)
     if name == "celebahq256_5bit":
         return _load_celebahq(root, download, num_bits=5)
+    if name == "celeba64":
+        return _load_celeba64(root, download)
     return _load_celebahq(root, download)
 
 
@@ -692,24 +701,53 @@ def _celebahq_help(folder: Path) -> str:
 
 
 def _load_celebahq(root: Path, download: bool, num_bits: int = 8) -> ImageFolderDataset:
-    folder = root if _image_files(root) else root / CELEBAHQ_FOLDER
-    if not _image_files(folder):
-        extra = (" CelebA-HQ cannot be downloaded automatically: it is released under a research "
-                 "agreement, as 1024x1024 images to resize here." if download else "")
-        raise FileNotFoundError(f"CelebA-HQ 256 images not found: no .png/.jpg files in "
-                                f"{folder}.{extra} {_celebahq_help(folder)}")
     name = "celebahq256" if num_bits == 8 else f"celebahq256_{num_bits}bit"
-    return ImageFolderDataset(folder, name=name, image_shape=(3, 256, 256),
-                              hint=_celebahq_help(folder), num_bits=num_bits)
+    note = ("CelebA-HQ cannot be downloaded automatically: it is released under a research "
+            "agreement, as 1024x1024 images to resize here.")
+    return _load_image_folder(root, CELEBAHQ_FOLDER, "CelebA-HQ 256", _celebahq_help,
+                              note if download else "", name, (3, 256, 256), num_bits)
 
 
-def prepare_image_folder(src_dir, dst_dir, size: int = 256, *, num_workers: int = 1,
-                         progress: bool = True) -> int:
+def _load_image_folder(root: Path, folder_name: str, title: str, help_fn, download_note: str,
+                       name: str, image_shape: tuple[int, int, int], num_bits: int = 8
+                       ) -> ImageFolderDataset:
+    """The prepared image folder root/ or root/folder_name/, or an error saying how to build it."""
+    folder = root if _image_files(root) else root / folder_name
+    if not _image_files(folder):
+        extra = f" {download_note}" if download_note else ""
+        raise FileNotFoundError(f"{title} images not found: no .png/.jpg files in "
+                                f"{folder}.{extra} {help_fn(folder)}")
+    return ImageFolderDataset(folder, name=name, image_shape=image_shape, hint=help_fn(folder),
+                              num_bits=num_bits)
+
+
+# --- CelebA 64: a folder of images -----------------------------------------------------------
+
+
+def _celeba64_help(folder: Path) -> str:
+    return (f"Build it: download CelebA's aligned images, img_align_celeba (178x218 JPEGs; "
+            f"{CELEBA_URL}), unzip them, then run `python -m lsgm_edu prepare-celebahq "
+            f"img_align_celeba {folder} --size 64 --crop {CELEBA64_CROP}` (or "
+            f"lsgm_edu.data.prepare_image_folder(src, dst, size=64, crop={CELEBA64_CROP})); or "
+            f"point data_dir (CLI: --data-dir) at the folder holding {CELEBA64_FOLDER}/. See "
+            f"data/README.md.")
+
+
+def _load_celeba64(root: Path, download: bool) -> ImageFolderDataset:
+    note = "CelebA cannot be downloaded automatically: it is released under a research agreement."
+    return _load_image_folder(root, CELEBA64_FOLDER, "CelebA 64", _celeba64_help,
+                              note if download else "", "celeba64", (3, 64, 64))
+
+
+def prepare_image_folder(src_dir, dst_dir, size: int = 256, *, crop: int | None = None,
+                         num_workers: int = 1, progress: bool = True) -> int:
     """Write every image of src_dir to dst_dir as a size x size RGB PNG; returns how many.
 
-    Center-crops to a square, resizes with PIL's antialiased Lanczos filter, writes each PNG to
-    a temporary file and renames it (atomic), and skips images already in dst_dir, so an
-    interrupted run resumes. Builds CelebA-HQ 256 from CelebAMask-HQ's CelebA-HQ-img/*.jpg.
+    Center-crops to the largest square (or, with `crop`, to the centre crop x crop square),
+    resizes with PIL's antialiased Lanczos filter, writes each PNG to a temporary file and
+    renames it (atomic), and skips images already in dst_dir, so an interrupted run resumes.
+    Builds CelebA-HQ 256 from CelebAMask-HQ's CelebA-HQ-img/*.jpg (size 256), and CelebA 64
+    from img_align_celeba/*.jpg (size 64, crop 140: the usual CelebA 64 protocol).
     """
     src, dst = Path(src_dir), Path(dst_dir)
     if not src.is_dir():
@@ -718,6 +756,9 @@ def prepare_image_folder(src_dir, dst_dir, size: int = 256, *, num_workers: int 
         raise ValueError(f"prepare_image_folder: source and destination are the same: {src}")
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"prepare_image_folder: size must be an int >= 1, got {size!r}")
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < size):
+        raise ValueError(f"prepare_image_folder: crop must be None or an int >= size = {size} "
+                         f"(images are never enlarged), got {crop!r}")
     files = _image_files(src)
     if not files:
         raise FileNotFoundError(f"prepare_image_folder: no .png/.jpg images in {src}")
@@ -730,16 +771,17 @@ def prepare_image_folder(src_dir, dst_dir, size: int = 256, *, num_workers: int 
     todo = [(f, dst / f"{f.stem}.png") for f in files if not (dst / f"{f.stem}.png").exists()]
 
     def work(pair):
-        _resize_to_png(*pair, size)
+        _resize_to_png(*pair, size, crop)
 
-    bar = tqdm(total=len(todo), disable=not progress, desc=f"{src.name} -> {size}x{size}")
+    desc = f"{src.name} -> {'' if crop is None else f'crop {crop}, '}{size}x{size}"
+    bar = tqdm(total=len(todo), disable=not progress, desc=desc)
     with bar, ThreadPoolExecutor(max(1, num_workers)) as pool:  # PIL releases the GIL
         for _ in pool.map(work, todo):
             bar.update()
     return len(todo)
 
 
-def _resize_to_png(src: Path, dst: Path, size: int) -> None:
+def _resize_to_png(src: Path, dst: Path, size: int, crop: int | None = None) -> None:
     from PIL import Image
 
     try:
@@ -748,10 +790,12 @@ def _resize_to_png(src: Path, dst: Path, size: int) -> None:
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {src}: {e}") from e
     w, h = img.size
-    s = min(w, h)
+    s = min(w, h) if crop is None else crop
+    if min(w, h) < s:
+        raise ValueError(f"image {src} is {w}x{h}, smaller than the {s}x{s} crop")
     if s < size:
         raise ValueError(f"image {src} is {w}x{h}, smaller than the {size}x{size} target")
-    if w != h:
+    if (w, h) != (s, s):
         left, top = (w - s) // 2, (h - s) // 2
         img = img.crop((left, top, left + s, top + s))
     if s != size:

@@ -217,13 +217,34 @@ class SigmaSquaredWeighting:
     With an ε-parameterized score s = -ε̂/σ_t, the DSM loss becomes 1/2 |ε̂ - ε|^2 (Ho et al.
     2020's simple loss). In phase space λ is the kernel covariance L L^T [B, K, K], and with
     s = -L^{-T} ε̂ the loss is again 1/2 |ε̂ - ε|^2.
+
+    `components` (phase indices, e.g. (1,) for CLD's momentum head) restricts the ε-loss to
+    those components: λ = L P L^T with P the diagonal mask, so the loss is 1/2 |P (ε̂ - ε)|^2
+    (CLD's `reweightedv2`, λ = ℓ_t^-2 on the momentum).
     """
 
+    def __init__(self, components: tuple[int, ...] | None = None):
+        if components is not None:
+            components = tuple(int(c) for c in components)
+            if not components or len(set(components)) != len(components) or min(components) < 0:
+                raise ValueError(f"SigmaSquaredWeighting: components must be distinct phase "
+                                 f"indices >= 0, got {components}")
+        self.components = components
+
     def __call__(self, sde, t: torch.Tensor) -> torch.Tensor:
-        return phase_outer(_std(sde, t))
+        L = _std(sde, t)
+        if self.components is None:
+            return phase_outer(L)
+        if L.ndim == 1 or max(self.components) >= L.shape[-1]:
+            raise ValueError(f"SigmaSquaredWeighting: components {self.components} need a "
+                             f"phase-space SDE with more phase components; {sde!r} has K = {sde.K}")
+        mask = torch.zeros(L.shape[-1], dtype=L.dtype, device=L.device)
+        mask[list(self.components)] = 1.0
+        return (L * mask) @ L.mT
 
     def __repr__(self) -> str:
-        return "SigmaSquaredWeighting()"
+        inner = "" if self.components is None else f"components={self.components}"
+        return f"SigmaSquaredWeighting({inner})"
 
 
 class LikelihoodWeighting:
@@ -253,16 +274,18 @@ def denoising_score_matching(
     generator: torch.Generator | None = None,
     *,
     noise: torch.Tensor | None = None,
+    m0: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1/2 |s(z_t, t) - ∇log p_0t(z_t | x0)|^2_λ per sample [B], z_t = mean + L ε, ε ~ N(0, I).
 
     Vincent 2011; Song et al. 2021, eq. 7: for K = 1, x_t = α_t x0 + σ_t ε and the target is
-    -ε / σ_t. The kernel comes from `sde.kernel(x0, t)` for any SDE of the engine, so in phase
-    space the same line is DSM on the state (Dockhorn et al. 2022). `weighting` is a callable
-    (sde, t) -> λ(t), [B] or a [B, K, K] block; `noise` fixes ε (drawn from `generator`
-    otherwise).
+    -ε / σ_t. The kernel comes from `sde.kernel(x0, t, m0)` for any SDE of the engine, so in
+    phase space the same line is hybrid score matching (HSM: m0 None, the initial momentum
+    integrated out) or DSM on the state (m0 given: a draw of the other phase components,
+    `sde.lift`) (Dockhorn et al. 2022, Sec. 3.2). `weighting` is a callable (sde, t) -> λ(t),
+    [B] or a [B, K, K] block; `noise` fixes ε (drawn from `generator` otherwise).
     """
-    kernel = _check_dsm_args(sde, x0, t, weighting)
+    kernel = _check_dsm_args(sde, x0, t, weighting, m0)
     eps = randn_like(kernel.mean, generator) if noise is None else noise
     check_like("denoising_score_matching", "noise", eps, kernel.mean)
     s = score_fn(kernel.sample(eps), t)
@@ -270,13 +293,13 @@ def denoising_score_matching(
     return 0.5 * weighted_squared_norm(weighting(sde, t), s - kernel.score(eps))
 
 
-def _check_dsm_args(sde: SDE, x0, t, weighting):
-    """Validate the DSM arguments; returns the kernel p_t(z | x0)."""
+def _check_dsm_args(sde: SDE, x0, t, weighting, m0=None):
+    """Validate the DSM arguments; returns the kernel p_t(z | x0) (or p_t(z | x0, m0))."""
     fn = "denoising_score_matching"
     _check_data(x0, fn)
     _check_time(t, x0.shape[0], fn)
     check_callable(fn, "weighting", weighting, "(sde, t) -> [B], e.g. SigmaSquaredWeighting()")
-    return sde.kernel(x0, t)
+    return sde.kernel(x0, t) if m0 is None else sde.kernel(x0, t, m0)
 
 
 # --- samplers of t: .sample(n, generator) -> t [B], .weight(t) = 1 / q(t) ------------------

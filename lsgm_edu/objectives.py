@@ -78,14 +78,18 @@ class BatchGenerator:
 class DSM:
     """Continuous-time denoising score matching (Song et al. 2021, eq. 7) of model `"score"`.
 
-    Per sample 1/2 λ(t) |s(x_t, t) + z/σ_t|² with s = `ScoreModel(net, sde, centered)`
-    (ε-parameterization); t from `t_sampler`, weighted by 1/q(t) when `importance_weight`; with
-    `reduce_mean` divided by the number of dimensions (score_sde's `reduce_mean`).
+    Per sample 1/2 λ(t) |s(z_t, t) - ∇log p_0t(z_t | x0)|² with s = `ScoreModel(net, sde,
+    centered, mixed_score=...)` (ε-parameterization); t from `t_sampler`, weighted by 1/q(t)
+    when `importance_weight`; with `reduce_mean` divided by the number of predicted noise
+    elements (score_sde's `reduce_mean`, PSLD's mean over all elements). In phase space the
+    kernel is the hybrid one of HSM (`hsm=True`) or DSM's with m0 drawn by `sde.lift`.
     """
 
     def __init__(self, sde, *, weighting=None, t_sampler=None, importance_weight: bool = False,
-                 reduce_mean: bool = False, centered: bool = True, model: str = "score"):
+                 reduce_mean: bool = False, centered: bool = True, model: str = "score",
+                 hsm: bool = True, mixed_score: bool = False):
         self.sde, self.centered, self.model = sde, centered, model
+        self.hsm, self.mixed_score = hsm, mixed_score
         self.weighting = weighting if weighting is not None else SigmaSquaredWeighting()
         self.t_sampler = t_sampler if t_sampler is not None else UniformTimeSampler(1e-5, sde.T)
         self.importance_weight, self.reduce_mean = importance_weight, reduce_mean
@@ -93,30 +97,39 @@ class DSM:
 
     @classmethod
     def from_config(cls, cfg, sde) -> DSM:
-        """The objective of `cfg.train` (likelihood weighting, importance sampling, eps)."""
+        """The objective of `cfg.train` (likelihood weighting, importance sampling, eps, HSM;
+        an ε-loss on the momentum alone for a network with a momentum head)."""
         tc = cfg.train
         t_sampler = (LikelihoodImportanceSampler(sde, eps=tc.eps) if tc.importance_sampling
                      else UniformTimeSampler(eps=tc.eps, T=sde.T))
-        weighting = LikelihoodWeighting() if tc.likelihood_weighting else SigmaSquaredWeighting()
+        momentum_head = sde.K == 2 and cfg.model.out_channels * 2 == cfg.model.num_channels
+        weighting = (LikelihoodWeighting() if tc.likelihood_weighting
+                     else SigmaSquaredWeighting((1,) if momentum_head else None))
         return cls(sde, weighting=weighting, t_sampler=t_sampler,
                    importance_weight=tc.importance_sampling, reduce_mean=tc.reduce_mean,
-                   centered=cfg.data.centered)
+                   centered=cfg.data.centered, hsm=tc.hsm, mixed_score=tc.mixed_score)
 
-    def loss(self, score_model, x0, t, z, y=None) -> torch.Tensor:
-        """The per-sample loss [B] at given times t and noise z (float32)."""
+    def loss(self, score_model, x0, t, z, y=None, m0=None) -> torch.Tensor:
+        """The per-sample loss [B] at given times t, noise z and (DSM) momentum m0 (float32)."""
         per_sample = denoising_score_matching(lambda x, tt: score_model(x, tt, y), self.sde, x0,
-                                              t, self.weighting, noise=z).float()
+                                              t, self.weighting, noise=z, m0=m0).float()
         if self.importance_weight:
             per_sample = per_sample * self.t_sampler.weight(t)
         if self.reduce_mean:
-            per_sample = per_sample / x0[0].numel()
+            components = getattr(self.weighting, "components", None)
+            per_sample = per_sample / (x0[0].numel() * len(components or range(self.sde.K)))
         return per_sample
 
     def __call__(self, models: dict, batch: Batch, generator: BatchGenerator):
         t = generator.draw(lambda n, g: self.t_sampler.sample(n, g, dtype=torch.float32))
         z = generator.randn(*self.sde.state_shape(batch.x.shape)[1:])  # noise on the state
-        score_model = ScoreModel(models[self.model], self.sde, centered=self.centered)
-        return self.loss(score_model, batch.x, t, z, batch.y), {}
+        m0 = None
+        if not self.hsm and self.sde.K > 1:  # DSM: z0 = (x0, m0) with m0 drawn from the lift
+            noise = generator.randn(*self.sde.state_shape(batch.x.shape)[1:])
+            m0 = self.sde.lift(batch.x, noise=noise)[:, batch.x.shape[1]:]
+        score_model = ScoreModel(models[self.model], self.sde, centered=self.centered,
+                                 mixed_score=self.mixed_score)
+        return self.loss(score_model, batch.x, t, z, batch.y, m0), {}
 
 
 class VAEObjective:

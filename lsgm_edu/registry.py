@@ -132,5 +132,5 @@ class Registry:
 # Filled by the modules that define the parts (a `register` line beside each class), imported
 # on first use: the registry itself imports nothing, so a network module can register itself
 # without importing an SDE.
-SDES = Registry("sde", home="lsgm_edu.sde")
+SDES = Registry("sde", home=("lsgm_edu.sde", "lsgm_edu.phase_space"))
 MODELS = Registry("model", home=("lsgm_edu.nets", "lsgm_edu.lsgm"))

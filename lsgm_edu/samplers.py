@@ -28,6 +28,7 @@ from .utils import append_dims, phase_apply, randn, randn_like
 
 __all__ = [
     "PREDICTORS",
+    "STRIDINGS",
     "ChainRecorder",
     "annealed_langevin",
     "check_ode_args",
@@ -46,6 +47,7 @@ __all__ = [
     "reverse_diffusion_step",
     "reverse_time_grid",
     "solve_probability_flow",
+    "sscs",
 ]
 
 
@@ -208,15 +210,30 @@ def _check_eps(fn: str, sde: SDE, eps) -> float:
     return check_interval_eps(fn, eps, sde.T)
 
 
-def reverse_time_grid(T: float, eps: float, steps: int) -> list[float]:
-    """The `steps` evaluation times linspace(T, eps, steps), then 0: steps + 1 floats.
+STRIDINGS = ("uniform", "quadratic")
 
-    Built in float64 (the reference's grid, Song et al. 2021): step i evaluates the score at
-    grid[i] and moves the state to grid[i + 1]; the last step goes from eps to 0 and is the
-    denoising step (its noise is dropped when denoise=True).
+
+def check_striding(fn: str, striding) -> str:
+    if striding not in STRIDINGS:
+        raise ValueError(f"{fn}: striding must be one of {STRIDINGS}, got {striding!r}")
+    return striding
+
+
+def reverse_time_grid(T: float, eps: float, steps: int, striding: str = "uniform") -> list[float]:
+    """The `steps` evaluation times from T down to eps, then 0: steps + 1 floats.
+
+    "uniform": linspace(T, eps, steps), the reference's grid (Song et al. 2021). "quadratic":
+    t_i = eps + (T - eps) (1 - i / (steps - 1))^2, small steps near the data (CLD and PSLD's
+    quadratic striding, "QS"). Built in float64: step i evaluates the score at grid[i] and
+    moves the state to grid[i + 1]; the last step goes from eps to 0 and is the denoising step
+    (its noise is dropped when denoise=True), so `steps` is the number of score evaluations.
     """
-    grid = torch.linspace(T, eps, steps, dtype=torch.float64).tolist()
-    return grid + [0.0]
+    check_striding("reverse_time_grid", striding)
+    if striding == "uniform":
+        grid = torch.linspace(T, eps, steps, dtype=torch.float64)
+    else:
+        grid = eps + (T - eps) * (1 - torch.linspace(0.0, 1.0, steps, dtype=torch.float64)) ** 2
+    return grid.tolist() + [0.0]
 
 
 def per_sample_time(t: float, x: torch.Tensor) -> torch.Tensor:
@@ -313,6 +330,7 @@ def predictor_corrector(
     device=None,
     dtype: torch.dtype | None = None,
     denoise: bool = True,
+    striding: str = "uniform",
 ) -> torch.Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Algorithms 2-3, correctors Algs. 4-5).
 
@@ -322,15 +340,18 @@ def predictor_corrector(
     the predictor alone. The corrector's alpha is (alpha(t_i) / alpha(t_{i+1}))^2, DDPM's
     1 - beta_i for VP and sub-VP and 1 for VE (`corrector_alpha`). Returns the last predictor
     step's x_mean (denoise=True, as the reference) or its x. shape: the state shape [B, ...];
-    device/dtype of the samples.
+    device/dtype of the samples. `striding`: the time grid (`reverse_time_grid`).
     """
     fn = "predictor_corrector"
     shape = check_shape(fn, shape)
     steps, eps = check_pc_args(fn, sde, steps, snr, n_corrector, predictor, eps)
+    if check_striding(fn, striding) != "uniform" and predictor == "reverse_diffusion":
+        raise ValueError(f"{fn}: the reverse_diffusion predictor runs the SDE's own uniform "
+                         f"chain; use predictor='euler_maruyama' with striding={striding!r}")
     predictor_step = PREDICTORS[predictor]
     rsde = sde.reverse(score_fn)
     x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
-    grid = reverse_time_grid(sde.T, eps, steps)
+    grid = reverse_time_grid(sde.T, eps, steps, striding)
     for i in trange(steps, disable=not progress, desc=fn):
         t, t_next = per_sample_time(grid[i], x), per_sample_time(grid[i + 1], x)
         if n_corrector:
@@ -357,18 +378,95 @@ def euler_maruyama(
     device=None,
     dtype: torch.dtype | None = None,
     denoise: bool = True,
+    striding: str = "uniform",
 ) -> torch.Tensor:
     """Euler-Maruyama on the reverse-time SDE dx = [f - g^2 s] dt + g dW-bar (Song et al. 2021,
-    eq. 6), from x_T ~ prior over `reverse_time_grid(T, eps, steps)`.
+    eq. 6), from x_T ~ prior over `reverse_time_grid(T, eps, steps, striding)`.
 
     The predictor-only sampler: `predictor_corrector` with predictor="euler_maruyama" and no
-    corrector. Returns the last step's x_mean when denoise=True (as the reference).
+    corrector. Returns the last step's x_mean when denoise=True (as the reference): steps - 1
+    Euler-Maruyama steps and the denoising step from eps to 0, `steps` score evaluations (the
+    NFE of CLD and PSLD).
     """
     return predictor_corrector(
         sde, score_fn, shape, steps, n_corrector=0, predictor="euler_maruyama", eps=eps,
         generator=generator, callback=callback, progress=progress, device=device, dtype=dtype,
-        denoise=denoise,
+        denoise=denoise, striding=striding,
     )  # fmt: skip
+
+
+def _exact_linear_step(linear: SDE, z: torch.Tensor, t_to: float, t_from: float,
+                       generator=None) -> torch.Tensor:
+    """A draw of the linear SDE's transition over [t_to, t_from] (reverse time runs t_from ->
+    t_to): A z + chol(Sigma + numerical_eps I) xi, in float64 for the moments."""
+    s = torch.tensor([t_to], dtype=torch.float64, device=z.device)
+    A, Sigma = linear.transition(s, s.new_tensor([t_from]))
+    eye = torch.eye(A.shape[-1], dtype=torch.float64, device=z.device)
+    w, V = torch.linalg.eigh(Sigma + linear.numerical_eps * eye)
+    root = (V * w.clamp_min(0).sqrt()[..., None, :]) @ V.mT  # root root^T = Sigma (+ eps I)
+    B = z.shape[0]
+    noise = randn_like(z, generator)
+    return phase_apply(A.expand(B, -1, -1), z) + phase_apply(root.expand(B, -1, -1), noise)
+
+
+def _check_splitting(fn: str, sde) -> None:
+    if not (hasattr(sde, "hamiltonian_reversed") and hasattr(sde, "dissipation_drift")):
+        raise ValueError(f"{fn}: symmetric splitting needs an SDE of the complete recipe "
+                         f"(lsgm_edu.phase_space: recipe, CLD, PSLD), got {sde!r}; the VP SDE is "
+                         f"recipe(0.5, 0.0, beta_min=0.1, beta_max=20.0)")
+
+
+@torch.no_grad()
+def sscs(
+    sde,
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shape,
+    steps: int,
+    *,
+    eps: float = 1e-3,
+    striding: str = "uniform",
+    denoise: bool = True,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+    device=None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Symmetric splitting score-based sampling (SSCS; Dockhorn et al. 2022, Sec. 3.4, Alg. 1;
+    Pandey & Mandt 2023 for PSLD) from z_T ~ prior over `reverse_time_grid(T, eps, steps,
+    striding)`.
+
+    The reverse-time SDE splits into the linear SDE recipe(D, -Q) (`sde.hamiltonian_reversed`:
+    the Hamiltonian part runs backwards, dissipation and noise stay), sampled exactly, and the
+    drift 2 beta D (s + ∇H) (`sde.dissipation_drift`). Each step: an exact half-step, an Euler
+    step of the drift with the score at the step's start time, an exact half-step (Strang
+    splitting). With denoise=True the last of the `steps` score evaluations is the references'
+    denoising step, the Euler-Maruyama mean from eps to 0. Returns the state; `sde.project`
+    gives x.
+    """
+    fn = "sscs"
+    shape, steps, eps = check_shape(fn, shape), _check_steps(fn, steps), _check_eps(fn, sde, eps)
+    _check_splitting(fn, sde)
+    grid = reverse_time_grid(sde.T, eps, steps, check_striding(fn, striding))
+    linear = sde.hamiltonian_reversed()
+    z = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
+    n_split = steps - 1 if denoise else steps
+    for i in trange(steps, disable=not progress, desc=fn):
+        t, t_next = grid[i], grid[i + 1]
+        if i < n_split:
+            t_mid = 0.5 * (t + t_next)
+            z = _exact_linear_step(linear, z, t_mid, t, generator)
+            t_vec = per_sample_time(t, z)
+            z = z + (t - t_next) * sde.dissipation_drift(z, score_fn(z, t_vec), t_vec)
+            z = _exact_linear_step(linear, z, t_next, t_mid, generator)
+            z_mean = z
+        else:  # the denoising step: the Euler-Maruyama mean of the full reverse drift
+            _, z_mean = euler_maruyama_step(sde.reverse(score_fn), z, per_sample_time(t, z),
+                                            t_next - t, generator)
+            z = z_mean
+        if callback is not None:
+            callback({"i": i, "t": t_next, "x": z, "x_mean": z_mean})
+    return z
 
 
 class _ProbabilityFlowODE:
@@ -398,7 +496,7 @@ class _ProbabilityFlowODE:
             self._report(t0, y0)
         self.started = True
 
-    def solve(self, x, t_start, t_end, method, rtol, atol, steps):
+    def solve(self, x, t_start, t_end, method, rtol, atol, steps, striding="uniform"):
         from torchdiffeq import odeint  # imported here: only the ODE samplers need it
 
         # torchdiffeq calls the hook it finds: once per step on a fixed grid, once per accepted
@@ -409,7 +507,8 @@ class _ProbabilityFlowODE:
             self.callback_step = self._step_started
         n = 2 if steps is None else steps + 1
         t_dtype = torch.float32 if x.device.type == "mps" else torch.float64
-        t = torch.linspace(t_start, t_end, n, dtype=t_dtype, device=x.device)
+        grid = reverse_time_grid(t_start, t_end, n, striding)[:-1]  # t_start ... t_end
+        t = torch.tensor(grid, dtype=t_dtype, device=x.device)
         # Adaptive solvers otherwise step past t_end and interpolate back: a model evaluated at
         # t < eps (sigma(t) -> 0, an eps-network divided by sigma) turns the solve into inf/NaN.
         options = {"step_t": t[-1:]} if steps is None else None
@@ -418,8 +517,12 @@ class _ProbabilityFlowODE:
         return out
 
 
-def check_ode_args(fn: str, method, steps):
+def check_ode_args(fn: str, method, steps, striding: str = "uniform"):
+    check_striding(fn, striding)
     if method in _ADAPTIVE_METHODS:
+        if striding != "uniform":
+            raise ValueError(f"{fn}: striding is for the fixed-step methods {_FIXED_METHODS}; "
+                             f"the adaptive method {method!r} picks its own steps")
         if steps is not None:
             raise ValueError(
                 f"{fn}: steps is only for the fixed-step methods {_FIXED_METHODS}; the adaptive "
@@ -449,19 +552,21 @@ def solve_probability_flow(
     steps: int | None = None,
     callback: Callable[[dict], None] | None = None,
     progress: bool = False,
+    striding: str = "uniform",
 ) -> tuple[torch.Tensor, int]:
     """Integrate the probability-flow ODE dx/dt = f - 1/2 g^2 s (Song et al. 2021, eq. 13) from
     t_start to t_end with torchdiffeq; returns (x(t_end), number of score evaluations).
 
-    Adaptive methods use rtol/atol; fixed-step ones take `steps` equal steps. Time is float64.
+    Adaptive methods use rtol/atol; fixed-step ones take `steps` steps on the `striding` grid
+    (`reverse_time_grid`). Time is float64.
     """
-    check_ode_args("solve_probability_flow", method, steps)
+    check_ode_args("solve_probability_flow", method, steps, striding)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
         raise ValueError("solve_probability_flow: x must be a floating-point tensor [B, ...]")
     rsde = sde.reverse(score_fn, probability_flow=True)
     with tqdm(total=steps, disable=not progress, desc="probability_flow") as bar:
         ode = _ProbabilityFlowODE(rsde, x.shape[0], callback, bar)
-        out = ode.solve(x, float(t_start), float(t_end), method, rtol, atol, steps)
+        out = ode.solve(x, float(t_start), float(t_end), method, rtol, atol, steps, striding)
     return out, ode.nfe
 
 
@@ -484,17 +589,19 @@ def probability_flow(
     device=None,
     dtype: torch.dtype | None = None,
     denoise: bool = False,
+    striding: str = "uniform",
 ):
     """Sample by solving the probability-flow ODE (Song et al. 2021, eq. 13) from T to eps.
 
     x_T ~ prior (or `z`, which then sets shape, device and dtype) is carried deterministically
     by torchdiffeq's `method`: adaptive ("dopri5", ...) with rtol/atol, or fixed-step
-    ("euler", "midpoint", "rk4") with `steps`. denoise=True adds the reference's final
-    reverse-diffusion mean step at eps (one more score evaluation). Returns x, or (x, nfe) with
-    return_nfe=True; nfe counts score evaluations. The callback gets one call per solver step.
+    ("euler", "midpoint", "rk4") with `steps` on the `striding` grid. denoise=True adds the
+    reference's final reverse-diffusion mean step at eps (one more score evaluation). Returns
+    x, or (x, nfe) with return_nfe=True; nfe counts score evaluations. The callback gets one
+    call per solver step.
     """
     fn = "probability_flow"
-    check_ode_args(fn, method, steps)
+    check_ode_args(fn, method, steps, striding)
     eps = _check_eps(fn, sde, eps)
     if z is None:
         z = sde.prior_sampling(
@@ -506,7 +613,7 @@ def probability_flow(
         raise ValueError(f"{fn}: z has shape {tuple(z.shape)} but shape={tuple(shape)}")
     x, nfe = solve_probability_flow(
         sde, score_fn, z, sde.T, eps, method=method, rtol=rtol, atol=atol, steps=steps,
-        callback=callback, progress=progress,
+        callback=callback, progress=progress, striding=striding,
     )  # fmt: skip
     if denoise:
         _, x = reverse_diffusion_step(sde.reverse(score_fn), x, per_sample_time(eps, x))

@@ -70,6 +70,7 @@ class SDE(abc.ABC):
 
     T: float = 1.0
     K: int = 1
+    numerical_eps: float = 0.0  # added to the diagonal of every kernel covariance
 
     def __init__(self, N: int = 1000):
         self.N = check_int(type(self).__name__, "N", N, 1)  # discretization steps
@@ -113,11 +114,15 @@ class SDE(abc.ABC):
         """L(t): Cholesky factor [B, K, K] (float64) of Cov(z_t | x0) = A C A^T + Sigma(0, t)."""
         return self._kernel_moments(t)[1]
 
-    def _kernel_moments(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A(0, t) and the Cholesky factor L(t), from one call of `transition`."""
+    def _kernel_moments(self, t: torch.Tensor, lift_covariance: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A(0, t) and the Cholesky factor L(t) of A C A^T + Sigma(0, t) + numerical_eps I, from
+        one call of `transition` (C: the lift covariance unless given)."""
         A, Sigma = self.transition(torch.zeros_like(t), t)
         A, Sigma = phase_block(A).double(), phase_block(Sigma).double()
-        cov = A @ self.lift_covariance.to(A.device) @ A.mT + Sigma
+        C = self.lift_covariance if lift_covariance is None else lift_covariance
+        eye = torch.eye(A.shape[-1], dtype=torch.float64, device=A.device)
+        cov = A @ C.to(A.device) @ A.mT + Sigma + self.numerical_eps * eye
         L, info = torch.linalg.cholesky_ex(cov)
         if bool((info > 0).any()):
             raise ValueError(
@@ -130,23 +135,47 @@ class SDE(abc.ABC):
         """The state (x0, 0, ..., 0): data in the first phase component, zeros elsewhere."""
         return torch.cat([x0] + [torch.zeros_like(x0)] * (self.K - 1), dim=1)
 
-    def kernel(self, x0: torch.Tensor, t: torch.Tensor) -> GaussianKernel:
-        """p_t(z | x0) = N(A(0, t) (x0, 0), L L^T) for data x0 [B, C, ...] (m0 integrated out)."""
-        t = _check_x_t(x0, t, f"{type(self).__name__}.kernel")
-        A, L = self._kernel_moments(t)
-        return GaussianKernel(phase_apply(A, self.embed(x0)), L)
+    def kernel(self, x0: torch.Tensor, t: torch.Tensor, m0: torch.Tensor | None = None
+               ) -> GaussianKernel:
+        """The perturbation kernel of data x0 [B, C, ...] at times t [B].
 
-    def lift(self, x0: torch.Tensor, generator=None) -> torch.Tensor:
+        Without m0, p_t(z | x0) = N(A(0, t) (x0, 0), L L^T) with the lift covariance C of z0
+        given x0 integrated out: L L^T = A C A^T + Sigma(0, t), the hybrid kernel of HSM
+        (Dockhorn et al. 2022, Sec. 3.2). With m0 (the other phase components of a sampled z0,
+        [B, (K - 1) C, ...]), p_t(z | x0, m0) = N(A (x0, m0), Sigma(0, t)): the DSM kernel.
+        """
+        name = f"{type(self).__name__}.kernel"
+        t = _check_x_t(x0, t, name)
+        if m0 is None:
+            A, L = self._kernel_moments(t)
+            return GaussianKernel(phase_apply(A, self.embed(x0)), L)
+        if self.K == 1:
+            raise ValueError(f"{name}: m0 is the momentum of a phase-space SDE; {self!r} has one "
+                             f"phase component (pass m0=None)")
+        check_tensor(name, "m0", m0)
+        wanted = (x0.shape[0], (self.K - 1) * x0.shape[1], *x0.shape[2:])
+        if tuple(m0.shape) != wanted:
+            raise ValueError(f"{name}: m0 must hold the other {self.K - 1} phase component(s) of "
+                             f"x0 {tuple(x0.shape)}, shape {wanted}, got {tuple(m0.shape)}")
+        z0 = torch.cat([x0, m0.to(x0.dtype)], dim=1)
+        zero = torch.zeros(self.K, self.K, dtype=torch.float64)
+        A, L = self._kernel_moments(t, zero)
+        return GaussianKernel(phase_apply(A, z0), L)
+
+    def lift(self, x0: torch.Tensor, generator=None, *, noise: torch.Tensor | None = None
+             ) -> torch.Tensor:
         """A draw of z0 given data x0: (x0, m0) with m0 from the lift covariance (x0 itself when
-        the lift covariance is zero, as for VP / sub-VP / VE)."""
+        the lift covariance is zero, as for VP / sub-VP / VE). `noise` (state-shaped N(0, I))
+        fixes the draw; otherwise it comes from `generator`."""
         if not bool(self.lift_covariance.any()):
             return self.embed(x0)
         C = self.lift_covariance.to(x0.device)
         w, V = torch.linalg.eigh(C)
         root = (V * w.clamp_min(0).sqrt()) @ V.mT
         z0 = self.embed(x0)
-        noise = randn(z0.shape, generator, device=x0.device, dtype=x0.dtype)
-        return z0 + phase_apply(root.expand(x0.shape[0], -1, -1), noise)
+        if noise is None:
+            noise = randn(z0.shape, generator, device=x0.device, dtype=x0.dtype)
+        return z0 + phase_apply(root.expand(x0.shape[0], -1, -1), noise.to(x0.dtype))
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         """The data component x of a state z = (x, m, ...): its first 1/K of dim 1."""
@@ -256,8 +285,11 @@ class ScalarSDE(SDE):
         """sigma(t) [B], the std of p_t(x | x0)."""
         return self.marginal_coefficients(t)[1]
 
-    def kernel(self, x0: torch.Tensor, t: torch.Tensor) -> GaussianKernel:
+    def kernel(self, x0: torch.Tensor, t: torch.Tensor, m0=None) -> GaussianKernel:
         """p_t(x | x0) = N(alpha x0, sigma^2 I) as a `GaussianKernel` with scale sigma [B]."""
+        if m0 is not None:
+            raise ValueError(f"{type(self).__name__}.kernel: m0 is the momentum of a phase-space "
+                             f"SDE; a scalar SDE has none (pass m0=None)")
         return GaussianKernel(*self.marginal_prob(x0, t))
 
     def prior_sampling(
@@ -517,18 +549,21 @@ class GeometricVPSDE(ScalarSDE):
 
 
 class LinearSDE(SDE):
-    """dz = beta F z dt + sqrt(beta) G dW with constant K x K blocks F, G acting on the phase
-    components of z (the time-homogeneous case of the complete recipe, Pandey & Mandt 2023).
+    """dz = beta(t) F z dt + sqrt(beta(t)) G dW with constant K x K blocks F, G acting on the
+    phase components of z, time-scaled by beta(t) = beta_min + t (beta_max - beta_min) (the
+    complete recipe of Pandey & Mandt 2023 with constant D, Q; `lsgm_edu.phase_space`).
 
-    The transition is exact: A(s, t) = exp(F tau) and Sigma(s, t) from Van Loan's block matrix
-    exponential (Van Loan 1978), tau = beta (t - s), in float64; it solves the moment ODEs
-    dmu/dt = F mu, dSigma/dt = F Sigma + Sigma F^T + G G^T (times beta). `lift_covariance` is
-    the law of z0 given x0 (default: x0 exact, the other components N(0, 1)); the prior is
-    N(0, P) per coordinate with P = `prior_covariance`, by default the stationary covariance
-    (F P + P F^T + G G^T = 0, F stable). CLD and PSLD are instances with closed forms.
+    The transition is exact: with tau = int_s^t beta, A(s, t) = exp(F tau) and Sigma(s, t) from
+    Van Loan's block matrix exponential (Van Loan 1978), in float64; it solves the moment ODEs
+    dmu/dt = beta F mu, dSigma/dt = beta (F Sigma + Sigma F^T + G G^T). `lift_covariance` is the
+    law of z0 given x0 (default: x0 exact, the other components N(0, 1)); the prior is N(0, P)
+    per coordinate with P = `prior_covariance`, by default the stationary covariance
+    (F P + P F^T + G G^T = 0, F stable). `numerical_eps` is added to the diagonal of every
+    kernel covariance, as the CLD and PSLD references do, so its Cholesky factor exists at t = 0.
     """
 
-    def __init__(self, F, G, *, beta: float = 1.0, lift_covariance=None, prior_covariance=None,
+    def __init__(self, F, G, *, beta_min: float = 1.0, beta_max: float | None = None,
+                 lift_covariance=None, prior_covariance=None, numerical_eps: float = 0.0,
                  N: int = 1000):
         super().__init__(N)
         cls = type(self).__name__
@@ -537,7 +572,10 @@ class LinearSDE(SDE):
             raise ValueError(f"{cls}: F and G must be square K x K blocks of one size, got "
                              f"{tuple(F64.shape)} and {tuple(G64.shape)}")
         self.K = F64.shape[0]
-        self.beta = check_float(cls, "beta", beta, positive=True)
+        self.beta_min = check_float(cls, "beta_min", beta_min, positive=True)
+        self.beta_max = self.beta_min if beta_max is None else check_float(
+            cls, "beta_max", beta_max, positive=True)
+        self.numerical_eps = check_float(cls, "numerical_eps", numerical_eps, low=0.0)
         self.F, self.G = F64, G64
         eye = torch.eye(self.K, dtype=torch.float64)
         default_lift = eye.clone()
@@ -570,22 +608,31 @@ class LinearSDE(SDE):
         return 0.5 * (P + P.mT)
 
     def __repr__(self) -> str:
-        return f"LinearSDE(F={self.F.tolist()}, G={self.G.tolist()}, beta={self.beta})"
+        return (f"LinearSDE(F={self.F.tolist()}, G={self.G.tolist()}, beta_min={self.beta_min}, "
+                f"beta_max={self.beta_max})")
 
     @property
     def lift_covariance(self) -> torch.Tensor:
         return self._lift
 
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        """beta(t) = beta_min + t (beta_max - beta_min)."""
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def integrated_beta(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """int_s^t beta = beta_min (t - s) + (beta_max - beta_min) (t^2 - s^2) / 2."""
+        return (t - s) * (self.beta_min + 0.5 * (self.beta_max - self.beta_min) * (t + s))
+
     def sde_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """F(t) = beta F, G(t) = sqrt(beta) G, each expanded to [B, K, K] in t's dtype."""
-        shape = (t.shape[0], self.K, self.K)
-        F = (self.beta * self.F).to(device=t.device, dtype=t.dtype).expand(shape)
-        G = (math.sqrt(self.beta) * self.G).to(device=t.device, dtype=t.dtype).expand(shape)
+        """F(t) = beta(t) F, G(t) = sqrt(beta(t)) G, each [B, K, K] in t's dtype."""
+        beta = self.beta(t)[:, None, None]
+        F = beta * self.F.to(device=t.device, dtype=t.dtype)
+        G = beta.sqrt() * self.G.to(device=t.device, dtype=t.dtype)
         return F, G
 
     def transition(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A = exp(F tau), Sigma = Phi B12 from exp([[-F, G G^T], [0, F^T]] tau), tau = beta (t - s)."""
-        tau = (self.beta * (t.double() - s.double()))[:, None, None]
+        """A = exp(F tau), Sigma = Phi B12 from exp([[-F, G G^T], [0, F^T]] tau), tau = int_s^t beta."""
+        tau = self.integrated_beta(s.double(), t.double())[:, None, None]
         F, Q = self.F.to(tau.device), (self.G @ self.G.mT).to(tau.device)
         K = self.K
         block = torch.zeros(2 * K, 2 * K, dtype=torch.float64, device=tau.device)

@@ -73,7 +73,12 @@ def init_model(cfg: Config) -> nn.Module:
 def build_score_model(cfg: Config, sde=None) -> ScoreModel:
     """s(x, t, y) = -net(x, c(t), y) / σ_t with the U-Net of `cfg.model`."""
     sde = sde if sde is not None else build_sde(cfg.sde)
-    return ScoreModel(build_model(cfg.model), sde, centered=cfg.data.centered)
+    return score_model_of(build_model(cfg.model), sde, cfg)
+
+
+def score_model_of(net: nn.Module, sde, cfg: Config) -> ScoreModel:
+    """The ε-parameterized score of `net` as `cfg` trains it (data centering, mixed score)."""
+    return ScoreModel(net, sde, centered=cfg.data.centered, mixed_score=cfg.train.mixed_score)
 
 
 def derived_seed(seed: int, *keys: int) -> int:
@@ -298,13 +303,13 @@ def dsm_setup(cfg: Config, sde=None) -> TrainingSetup:
 
     def sample(models, n, generator):
         net = models["score"]
-        x = sample_images(ScoreModel(net, sde, centered=cfg.data.centered), sde, cfg.sampling,
-                          n, steps=cfg.sampling.grid_steps, eps=cfg.sampling.eps,
+        x = sample_images(score_model_of(net, sde, cfg), sde, cfg.sampling, n,
+                          steps=cfg.sampling.grid_steps, eps=cfg.sampling.eps,
                           generator=generator, device=next(net.parameters()).device)
         return to_unit_range(x, cfg.data.centered)
 
     def result_model(models):
-        return ScoreModel(models["score"], sde, centered=cfg.data.centered).eval()
+        return score_model_of(models["score"], sde, cfg).eval()
 
     return TrainingSetup({"score": spec}, DSM.from_config(cfg, sde), sample, result_model)
 
@@ -595,6 +600,19 @@ def _function_keys(config: dict) -> dict:
             if k not in RUNTIME_ONLY_KEYS}
 
 
+def _field_default(section, key: str):
+    """The default of field `key` of a config dataclass, as JSON data (None if it has none)."""
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        return None
+    f = fields[key]
+    if f.default is not dataclasses.MISSING:
+        return json.loads(json.dumps(f.default))
+    if f.default_factory is not dataclasses.MISSING:
+        return json.loads(json.dumps(f.default_factory()))
+    return None
+
+
 def _same_training_problem(saved: dict, cfg: Config) -> None:
     """A resumed run must train the same model on the same data with the same SDE."""
     saved = convert_legacy(saved)[0]
@@ -602,11 +620,14 @@ def _same_training_problem(saved: dict, cfg: Config) -> None:
     if "model" in saved:
         saved = {**saved, "model": _function_keys(saved["model"])}
         now = {**now, "model": _function_keys(now["model"])}
+    def saved_value(section, k):  # a key the checkpoint's code did not have yet: its default
+        return saved[section].get(k, _field_default(getattr(cfg, section), k))
+
     diffs = [
-        f"{section}.{k}: checkpoint {saved[section].get(k)!r} vs now {now[section][k]!r}"
+        f"{section}.{k}: checkpoint {saved_value(section, k)!r} vs now {now[section][k]!r}"
         for section in ("model", "sde", "data")
         for k in now[section]
-        if section in saved and k != "data_dir" and saved[section].get(k) != now[section][k]
+        if section in saved and k != "data_dir" and saved_value(section, k) != now[section][k]
     ]
     diffs += [
         f"train.{k}: checkpoint {saved['train'].get(k)!r} vs now {now['train'][k]!r}"
@@ -698,8 +719,9 @@ def plot_loss_curve(log_path: str | Path, out_png: str | Path) -> Path:
 @torch.no_grad()
 def sample_images(score_model, sde, cfg_sampling, n, *, steps=None, y=None, generator=None,
                   device=None, progress=False, eps=1e-3, return_nfe=False):
-    """n samples [n, C, H, W] in model space with the sampler of `cfg.sampling`; with
-    `return_nfe`, also the score evaluations per sample (measured for the adaptive ODE)."""
+    """n samples [n, C, H, W] in model space with the sampler of `cfg.sampling` (in phase space
+    the data of the sampled state); with `return_nfe`, also the score evaluations per sample
+    (measured for the adaptive ODE)."""
     from lsgm_edu import samplers
 
     mc = score_model.net.config
@@ -707,16 +729,21 @@ def sample_images(score_model, sde, cfg_sampling, n, *, steps=None, y=None, gene
     steps = steps or cfg_sampling.steps
     score_fn = (lambda x, t: score_model(x, t, y)) if y is not None else score_model
     kw = {"eps": eps, "generator": generator, "device": device, "progress": progress}
+    striding = getattr(cfg_sampling, "striding", "uniform")
     if cfg_sampling.method == "pc":
         predictor = "reverse_diffusion" if steps == sde.N else "euler_maruyama"
         x = samplers.predictor_corrector(sde, score_fn, shape, steps, cfg_sampling.snr,
                                          cfg_sampling.n_corrector, predictor=predictor, **kw)
         nfe = steps * (1 + cfg_sampling.n_corrector)
     elif cfg_sampling.method == "em":
-        x, nfe = samplers.euler_maruyama(sde, score_fn, shape, steps, **kw), steps
+        x = samplers.euler_maruyama(sde, score_fn, shape, steps, striding=striding, **kw)
+        nfe = steps
+    elif cfg_sampling.method == "sscs":
+        x, nfe = samplers.sscs(sde, score_fn, shape, steps, striding=striding, **kw), steps
     else:
         kw.pop("progress")
         x, nfe = samplers.probability_flow(sde, score_fn, shape, return_nfe=True, **kw)
+    x = sde.project(x)  # the data of the state (x itself for K = 1)
     return (x, nfe) if return_nfe else x
 
 
@@ -1038,7 +1065,7 @@ def load_score_model(path: str | Path, *, ema: bool = True, device="cpu", name: 
     if not state:
         raise ckpt.CheckpointError(f"{path}: no '{prefix}' tensors in this checkpoint")
     net.load_state_dict(state)
-    return ScoreModel(net.to(device).eval(), sde, centered=cfg.data.centered), cfg
+    return score_model_of(net.to(device).eval(), sde, cfg), cfg
 
 
 def export_ema(checkpoint_path: str | Path, out_stem: str | Path, note: str = "",

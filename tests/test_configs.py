@@ -65,7 +65,7 @@ def test_overrides_are_parsed_as_yaml_and_typed():
         ("sde.N=1.5", "sde.N: expected an integer, got float 1.5"),
         ("sde.beta_max=-1", "sde: VPSDE: beta_max must be >= beta_min"),
         ("sde.sigma_max=50", "unknown config key 'sde.sigma_max'"),
-        ("sde=3", "sde: expected a mapping with a 'name' (one of vp, subvp, ve, geometric_vp)"),
+        ("sde=3", "sde: expected a mapping with a 'name' (one of vp, subvp, ve, geometric_vp, cld, psld)"),
         ("model.name=ddpm", "model.name: unknown model 'ddpm'"),
         ("model.arch=ddpm", "model.arch: must be one of"),
         ("sampling.eps=0", "train.eps and sampling.eps must be in (0, 1)"),

@@ -134,8 +134,8 @@ def write_chardata(path: Path, train: np.ndarray, test: np.ndarray, compress: bo
 
 def test_registry_and_argument_errors():
     assert set(DATASETS) == {"digits8x8", "mnist5k", "mnist", "cifar10", "celebahq256",
-                             "binarized_digits8x8", "binarized_mnist5k", "binarized_mnist",
-                             "binarized_omniglot", "celebahq256_5bit"}
+                             "celeba64", "binarized_digits8x8", "binarized_mnist5k",
+                             "binarized_mnist", "binarized_omniglot", "celebahq256_5bit"}
     assert DATASETS["cifar10"].image_shape == (3, 32, 32) and DATASETS["cifar10"].n_dims == 3072
     assert DATASETS["digits8x8"].num_levels == 17 and DATASETS["mnist"].num_levels == 256
     with pytest.raises(ValueError, match="unknown dataset 'cifar100'.*cifar10"):
@@ -406,12 +406,18 @@ def test_celebahq_folder_lazy_and_sorted(tmp_path):
         assert torch.equal(x, torch.from_numpy(arrays["10.png"]).permute(2, 0, 1))
 
 
-def test_celebahq_missing_folder_says_how_to_build(tmp_path):
+@pytest.mark.parametrize(("name", "expected"), [
+    ("celebahq256", ["CelebAMask-HQ", "CelebA-HQ 256 images not found"]),
+    ("celeba64", ["img_align_celeba", "--size 64 --crop 140", "CelebA 64 images not found"]),
+])
+def test_image_folder_missing_says_how_to_build(tmp_path, name, expected):
     with pytest.raises(FileNotFoundError) as err:
-        load_dataset("celebahq256", "train", tmp_path, download=True)
+        load_dataset(name, "train", tmp_path, download=True)
     msg = str(err.value)
-    assert str(tmp_path / "celebahq256") in msg and "prepare-celebahq" in msg
-    assert "CelebAMask-HQ" in msg and "cannot be downloaded automatically" in msg
+    assert str(tmp_path / name) in msg and "prepare-celebahq" in msg
+    assert "cannot be downloaded automatically" in msg
+    for text in expected:
+        assert text in msg, text
 
 
 def test_celebahq_bad_images_are_named(tmp_path):
@@ -470,6 +476,69 @@ def test_prepared_folder_loads_as_celebahq(tmp_path):
     prepare_image_folder(src, tmp_path / "celebahq256", progress=False)
     ds = load_dataset("celebahq256", "train", tmp_path)
     assert len(ds) == 2 and ds[1][0].shape == (3, 256, 256)
+
+
+# --- CelebA 64 --------------------------------------------------------------------------------
+
+
+def _aligned_face(seed=0):
+    """A 178x218 RGB 'img_align_celeba' JPEG stand-in: the centre 140x140 square (columns
+    19..158, rows 39..178, the crop of score_sde's central_crop) is blue, the rest red."""
+    img = np.zeros((218, 178, 3), np.uint8)
+    img[...] = (255, 0, 0)
+    img[39:179, 19:159] = (0, 0, 255)
+    img[39:179, 19:159, 1] = np.random.default_rng(seed).integers(0, 8, (140, 140))
+    return img
+
+
+def test_celeba64_registry_entry():
+    info = DATASETS["celeba64"]
+    assert (info.image_shape, info.num_classes, info.num_levels, info.splits) == (
+        (3, 64, 64), 1, 256, ("train",))
+    assert not info.binarize and info.pad == 0 and "140x140" in info.description
+    with pytest.raises(ValueError, match="celeba64 has splits train"):
+        load_dataset("celeba64", "test")
+
+
+def test_celeba64_folder_reads_64_pngs(tmp_path):
+    arrays = _faces(tmp_path / "celeba64", ["000002.png", "000001.png"], size=64)
+    for root in (tmp_path, tmp_path / "celeba64"):  # the data root, or the folder itself
+        ds = load_dataset("celeba64", "train", root)
+        assert [p.name for p in ds.files] == ["000001.png", "000002.png"]
+        assert ds.name == "celeba64" and ds.image_shape == (3, 64, 64) and ds.num_levels == 256
+        x, y = ds[1]
+        assert x.dtype == torch.uint8 and y == 0
+        assert torch.equal(x, torch.from_numpy(arrays["000002.png"]).permute(2, 0, 1))
+    write_png(tmp_path / "celeba64" / "000003.png", np.zeros((218, 178, 3), np.uint8))
+    with pytest.raises(ValueError, match="RGB 178x218, expected RGB 64x64"):
+        load_dataset("celeba64", "train", tmp_path)[2]
+
+
+def test_prepare_celeba64_crops_the_centre_140_square(tmp_path):
+    src = tmp_path / "img_align_celeba"
+    src.mkdir()
+    write_png(src / "000001.png", _aligned_face(0))  # lossless: the crop is checked exactly
+    Image.fromarray(_aligned_face(1)).save(src / "000002.jpg", quality=95)  # CelebA's format
+    assert prepare_image_folder(src, tmp_path / "celeba64", size=64, crop=140,
+                                progress=False) == 2
+    ds = load_dataset("celeba64", "train", tmp_path)
+    assert [p.name for p in ds.files] == ["000001.png", "000002.png"]
+    x = ds[0][0]
+    assert x.shape == (3, 64, 64)
+    # only the blue centre survives: no red from outside the crop, even at the borders
+    assert x[0].max() <= 8 and x[2].min() >= 245
+    # JPEG's chroma subsampling smears the red edge a little into the crop's border only
+    assert ds[1][0][0, 4:-4, 4:-4].float().mean() < 8
+    # the same through the CLI
+    from lsgm_edu.__main__ import main
+
+    assert main(["prepare-celebahq", str(src), str(tmp_path / "cli"), "--size", "64",
+                 "--crop", "140"]) == 0
+    assert torch.equal(load_dataset("celeba64", "train", tmp_path / "cli")[0][0], x)
+    with pytest.raises(ValueError, match="crop must be None or an int >= size = 64"):
+        prepare_image_folder(src, tmp_path / "bad", size=64, crop=32, progress=False)
+    with pytest.raises(ValueError, match="smaller than the 200x200 crop"):
+        prepare_image_folder(src, tmp_path / "bad", size=64, crop=200, progress=False)
 
 
 # --- the in-memory container ------------------------------------------------------------------
@@ -632,7 +701,8 @@ def test_lsgm_registry_entries():
     assert DATASETS["binarized_digits8x8"].image_shape == (1, 8, 8)
     assert DATASETS["binarized_omniglot"].num_classes == 1
     assert DATASETS["celebahq256_5bit"].num_levels == 32
-    for name in ("digits8x8", "mnist5k", "mnist", "cifar10", "celebahq256", "celebahq256_5bit"):
+    for name in ("digits8x8", "mnist5k", "mnist", "cifar10", "celebahq256", "celebahq256_5bit",
+                 "celeba64"):
         assert not DATASETS[name].binarize and DATASETS[name].pad == 0
 
 

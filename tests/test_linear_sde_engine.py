@@ -54,7 +54,7 @@ BETA = 2.5
 
 def phase_sde(**kw):
     lift = torch.tensor([[0.0, 0.0], [0.0, MOMENTUM_VAR]], dtype=F64)
-    return LinearSDE(F_BLOCK, G_BLOCK, beta=BETA, lift_covariance=lift, **kw)
+    return LinearSDE(F_BLOCK, G_BLOCK, beta_min=BETA, lift_covariance=lift, **kw)
 
 
 def mixture():

@@ -222,8 +222,9 @@ def test_training_writes_logs_curves_grids_and_lowers_the_loss(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process(tmp_path):
-    extra = ["model.dropout=0.0"]
+def ddp_two_processes_equal_one_process(tmp_path, *extra: str) -> dict:
+    """Train 6 steps with one process and with two (torchrun); the weights must agree to 1e-6.
+    Returns the one-process run's tensors."""
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_cli(one, 6, 6, *extra), check=True, env=ENV, capture_output=True)
     res = subprocess.run(_cli(two, 6, 6, *extra, launcher=[*TORCHRUN, "-m", "lsgm_edu"]),
@@ -232,6 +233,12 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     a, b = _final_tensors(one), _final_tensors(two)
     worst = max((a[k] - b[k]).abs().max().item() for k in a if k.startswith("score/"))
     assert worst < 1e-6, f"2-process DDP differs from 1 process by {worst}"
+    return a
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    extra = ["model.dropout=0.0"]
+    a = ddp_two_processes_equal_one_process(tmp_path, *extra)
     init = init_model(load_config("digits8_ddpmpp_vp", [*TINY, *extra])).state_dict()
     moved = max((a[f"score/{k}"] - v).abs().max().item() for k, v in init.items())
     assert moved > 1e-3, "the weights did not train, so their equality would prove nothing"

@@ -78,6 +78,8 @@ class TrainConfig:
     reduce_mean: bool = False  # per-sample loss: mean over dimensions instead of sum
     likelihood_weighting: bool = False  # lambda(t) = g(t)^2 (Song et al. 2021b)
     importance_sampling: bool = False  # t ~ q(t) proportional to g^2/sigma^2, loss weighted by 1/q
+    hsm: bool = True  # phase space: hybrid score matching (m0 integrated out); false: DSM, m0 drawn
+    mixed_score: bool = False  # CLD's mixed score -m / Sigma_mm + network (momentum head only)
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
@@ -91,7 +93,8 @@ class TrainConfig:
 
 @dataclass
 class SamplingConfig:
-    method: str = "pc"  # pc | em | ode
+    method: str = "pc"  # pc | em | ode | sscs (phase-space SDEs of the complete recipe)
+    striding: str = "uniform"  # time grid of pc / em / sscs: uniform | quadratic
     eps: float = 1e-3  # where samplers stop (Song et al. 2021, App. C: 1e-3 VP, 1e-5 VE)
     steps: int = 1000
     snr: float = 0.16
@@ -181,7 +184,8 @@ class Config:
 
 _CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"),
-    "sampling.method": ("pc", "em", "ode"),
+    "sampling.method": ("pc", "em", "ode", "sscs"),
+    "sampling.striding": ("uniform", "quadratic"),
     "lsgm.iw_sample_p": ("ll_uniform", "ll_iw", "drop_all_uniform", "drop_all_iw",
                          "drop_sigma2t_uniform", "drop_sigma2t_iw"),
     "lsgm.iw_sample_q": ("reweight_p_samples", "ll_uniform", "ll_iw"),
@@ -336,12 +340,15 @@ def validate(cfg: Config) -> Config:
             f"known: {', '.join(sorted(data_module.DATASETS))}"
         )
     c, h, w = data_module.DATASETS[cfg.data.dataset].image_shape
-    if (cfg.model.num_channels, cfg.model.image_size) != (c, h) or h != w:
+    sde = SDES.build(cfg.sde)
+    if (cfg.model.num_channels, cfg.model.image_size) != (sde.K * c, h) or h != w:
+        state = "" if sde.K == 1 else f" (the state of {sde.K} phase components)"
         raise ConfigError(
             f"model.image_size/model.num_channels = {cfg.model.image_size}/"
             f"{cfg.model.num_channels} do not fit data.dataset {cfg.data.dataset!r} with images "
-            f"{c}x{h}x{w}; set model.image_size={h} model.num_channels={c}"
+            f"{c}x{h}x{w}; set model.image_size={h} model.num_channels={sde.K * c}{state}"
         )
+    _validate_phase_space(cfg, sde, c)
     t = cfg.train
     positive = {
         "train.n_iters": t.n_iters, "train.batch_size": t.batch_size, "train.lr": t.lr,
@@ -366,6 +373,29 @@ def validate(cfg: Config) -> Config:
     if cfg.model.num_classes and cfg.data.dataset in ("celebahq256",):
         raise ConfigError(f"model.num_classes={cfg.model.num_classes}: {cfg.data.dataset} has no labels")
     return cfg
+
+
+def _validate_phase_space(cfg: Config, sde, data_channels: int) -> None:
+    """The score head, mixed score and sampler fit the SDE's phase components."""
+    out = getattr(cfg.model, "out_channels", 0) or cfg.model.num_channels
+    heads = {sde.K * data_channels: "state"}
+    if sde.K == 2 and not bool(sde.G[0].any()):
+        heads[data_channels] = "momentum"  # CLD: no noise on x, the x-score is never used
+    if out not in heads:
+        raise ConfigError(f"model.out_channels={out}: {SDES.name_of(cfg.sde)} needs the noise of "
+                          f"the whole state ({sde.K * data_channels} channels)"
+                          + (f" or of the momentum ({data_channels})" if len(heads) > 1 else ""))
+    if cfg.train.mixed_score and heads[out] != "momentum":
+        raise ConfigError("train.mixed_score is CLD's: it needs sde.name cld (or psld with "
+                          "Gamma = 0) and a momentum head (model.out_channels = data channels)")
+    if sde.K > 1 and not cfg.data.centered:
+        raise ConfigError("data.centered must be true for a phase-space SDE (data in [-1, 1])")
+    if cfg.sampling.method == "sscs" and not hasattr(sde, "hamiltonian_reversed"):
+        raise ConfigError(f"sampling.method=sscs needs an SDE of the complete recipe (cld, psld), "
+                          f"got {SDES.name_of(cfg.sde)}")
+    if cfg.sampling.striding != "uniform" and cfg.sampling.method in ("ode", "pc"):
+        raise ConfigError(f"sampling.striding={cfg.sampling.striding} is for em and sscs; "
+                          f"{cfg.sampling.method} uses its own grid")
 
 
 def _validate_lsgm(cfg: Config) -> None:

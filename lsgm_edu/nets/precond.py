@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lsgm_edu.kernel import eps_to_score
+from lsgm_edu.utils import append_dims
 
 _TIME_INPUTS = ("noise_label", "t")
 
@@ -26,31 +27,78 @@ _TIME_INPUTS = ("noise_label", "t")
 class ScoreModel(nn.Module):
     """s(z, t, y) = -L_t^{-T} net(z, c(t), y): the ε-parameterized score of a raw network.
 
-    `sde`: any SDE of `lsgm_edu.sde`. time_input="noise_label" feeds the network c(t) =
-    sde.noise_label(t) (the U-Nets); time_input="t" feeds t itself (the toy `ScoreMLP`, whose
-    Fourier features expect t in [0, 1]). `y` (class labels) is passed on only when given.
+    `sde`: any SDE of `lsgm_edu.sde` / `lsgm_edu.phase_space`. time_input="noise_label" feeds
+    the network c(t) = sde.noise_label(t) (the U-Nets); time_input="t" feeds t itself (the toy
+    `ScoreMLP`, whose Fourier features expect t in [0, 1]). `y` (class labels) is passed on
+    only when given.
+
+    In phase space (K = 2) the network sees the state z = (x, m) and predicts either the noise of
+    the whole state (PSLD) or, when its output has the data's channels only, the noise ε_m of
+    the momentum (CLD's head): ε̂ = (0, ε̂_m). With L lower-triangular the momentum score
+    s_m = -ε̂_m / L_mm needs ε̂_m alone; the x-score is then not modelled, which is right only
+    when no noise enters x (the reverse drift uses G G^T s). `mixed_score` adds CLD's Normal
+    part: s_m = -m / Σ_mm(t) - ε̂_m / L_mm with Σ_mm the momentum variance of the HSM kernel
+    (Dockhorn et al. 2022, Sec. 3.3).
     """
 
     def __init__(self, net: nn.Module, sde, centered: bool = True, *,
-                 time_input: str = "noise_label"):
+                 time_input: str = "noise_label", mixed_score: bool = False):
         super().__init__()
-        if time_input not in _TIME_INPUTS:
-            raise ValueError(f"ScoreModel: time_input must be one of {_TIME_INPUTS}, got "
-                             f"{time_input!r}")
+        _check_score_args(sde, centered, time_input, mixed_score)
         self.net = net
         self.sde = sde
         self.centered = centered
         self.time_input = time_input
+        self.mixed_score = mixed_score
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The network's noise prediction ε̂(z_t, t)."""
+        """The noise prediction ε̂(z_t, t) of the whole state (zeros where the head is silent)."""
         c = self.sde.noise_label(t) if self.time_input == "noise_label" else t
         x_in = x if self.centered else 2 * x - 1
-        return self.net(x_in, c) if y is None else self.net(x_in, c, y)
+        out = self.net(x_in, c) if y is None else self.net(x_in, c, y)
+        if out.shape == x.shape:
+            if self.mixed_score:
+                raise ValueError("ScoreModel: mixed_score needs the momentum head (a network "
+                                 "whose output has the data's channels); this one predicts the "
+                                 "whole state")
+            return out
+        return self._momentum_head(out, x, t)
+
+    def _momentum_head(self, eps_m: torch.Tensor, z: torch.Tensor, t: torch.Tensor):
+        """(0, ε̂_m), plus CLD's Normal part L_mm m / Σ_mm in ε units when mixed_score."""
+        x, m = self.sde.project(z), z[:, z.shape[1] // 2:]
+        if self.sde.K != 2 or eps_m.shape != m.shape:
+            raise ValueError(f"ScoreModel: the network returned {tuple(eps_m.shape)} for a state "
+                             f"{tuple(z.shape)}; it must return the state's shape, or (K = 2) "
+                             f"the data's shape {tuple(m.shape)} (momentum head)")
+        if bool(self.sde.G[0].any()):
+            raise ValueError(f"ScoreModel: a momentum head leaves the x-score unmodelled, but "
+                             f"{self.sde!r} puts noise on x; give the network out_channels = "
+                             f"{z.shape[1]} (the whole state)")
+        if self.mixed_score:
+            L = self._scale(z, t)
+            L_mm, var_mm = L[:, 1, 1], (L[:, 1] ** 2).sum(-1)
+            eps_m = eps_m + append_dims((L_mm / var_mm).to(z.dtype), z.ndim) * m
+        return torch.cat([torch.zeros_like(x), eps_m], dim=1)
+
+    def _scale(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t_scale = t.to(device=x.device, dtype=torch.promote_types(t.dtype, x.dtype))
+        return self.sde.marginal_scale(t_scale)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
-        t_scale = t.to(device=x.device, dtype=torch.promote_types(t.dtype, x.dtype))
-        return eps_to_score(self.eps(x, t, y), self.sde.marginal_scale(t_scale).to(x.dtype))
+        return eps_to_score(self.eps(x, t, y), self._scale(x, t).to(x.dtype))
+
+
+def _check_score_args(sde, centered, time_input, mixed_score) -> None:
+    if time_input not in _TIME_INPUTS:
+        raise ValueError(f"ScoreModel: time_input must be one of {_TIME_INPUTS}, got "
+                         f"{time_input!r}")
+    if sde is not None and sde.K > 1 and not centered:
+        raise ValueError("ScoreModel: phase-space SDEs take data centered in [-1, 1] "
+                         "(data.centered: true); the 2x - 1 rescaling is for K = 1 only")
+    if mixed_score and (sde is None or sde.K != 2 or bool(sde.G[0].any())):
+        raise ValueError(f"ScoreModel: mixed_score is CLD's (noise on the momentum only, K = 2); "
+                         f"got {sde!r}")
 
 
 class MixedScore(nn.Module):

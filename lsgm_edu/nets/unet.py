@@ -1,7 +1,8 @@
 """DDPM++ and NCSN++, the score networks of Song et al. 2021 (App. H), as one configurable U-Net.
 
 A port of `NCSNpp` from yang-song/score_sde_pytorch (`models/ncsnpp.py`) in plain PyTorch. The
-network is raw: `UNet(cfg)(x, t, y)` maps an image and a noise label to an image-shaped output.
+network is raw: `UNet(cfg)(x, t, y)` maps an image and a noise label to an image-shaped output
+(with `out_channels` channels when set: CLD's net reads the state (x, m) and returns 3).
 The label is whatever the caller feeds (log σ for the Fourier embedding, e.g. 999 t for the
 positional one); dividing by σ and choosing the parameterization belong to a preconditioning
 wrapper around the net, and so does input scaling (score_sde rescaled [0, 1] data to [-1, 1]
@@ -62,7 +63,10 @@ def _is_number(v) -> bool:
 class UNetConfig:
     """Architecture of a DDPM++ / NCSN++ network; field names follow score_sde's `config.model`.
 
-    `image_size` and `num_channels` come from score_sde's `config.data`. `num_classes` > 0 adds a
+    `image_size` and `num_channels` come from score_sde's `config.data`. `out_channels` is the
+    output's channel count, 0 meaning num_channels (score_sde); the phase-space nets of CLD and
+    PSLD read the 6-channel state (x, m) and return 3 (CLD: the momentum part) or 6 (PSLD), the
+    references' `in_ch` / `out_ch`. `num_classes` > 0 adds a
     learned label embedding to the time embedding (not in score_sde). `init_scale` 0 means 1e-10,
     as in the reference. `conv_size` is recorded, as in score_sde, where only 3 is implemented.
     """
@@ -70,6 +74,7 @@ class UNetConfig:
     arch: str = "ncsnpp"  # a label (score_sde's model.name): the fields below set the architecture
     image_size: int = 32
     num_channels: int = 3
+    out_channels: int = 0  # 0: num_channels
     nf: int = 128
     ch_mult: tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 4
@@ -103,6 +108,11 @@ class UNetConfig:
         return self.embedding_dim or self.nf
 
     @property
+    def output_channels(self) -> int:
+        """Channels of the network's output: out_channels, or num_channels when it is 0."""
+        return self.out_channels or self.num_channels
+
+    @property
     def resolutions(self) -> tuple[int, ...]:
         """Feature-map side at each level: image_size / 2^level."""
         return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
@@ -119,8 +129,9 @@ class UNetConfig:
         for key in ("image_size", "num_channels", "nf", "num_res_blocks"):
             if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
                 bad(key, "must be an int >= 1")
-        if not _is_int(self.num_classes) or self.num_classes < 0:
-            bad("num_classes", "must be an int >= 0")
+        for key in ("out_channels", "num_classes"):
+            if not _is_int(getattr(self, key)) or getattr(self, key) < 0:
+                bad(key, "must be an int >= 0")
         for key in ("resamp_with_conv", "fir", "skip_rescale", "checkpointing"):
             if not isinstance(getattr(self, key), bool):
                 bad(key, "must be a bool")
@@ -186,7 +197,8 @@ class _Level(nn.Module):
 class UNet(nn.Module):
     """NCSN++ / DDPM++ score network (Song et al. 2021, App. H; score_sde `NCSNpp`).
 
-    forward(x [B, C, H, W], t [B] noise label, y [B] class labels or None) -> like x. The time
+    forward(x [B, C, H, W], t [B] noise label, y [B] class labels or None) -> [B, C_out, H, W],
+    C_out = `config.output_channels` (C unless out_channels is set). The time
     label goes through Fourier features of `t` (pass log σ) or the sinusoidal embedding (pass
     e.g. 999 t), then two dense layers. Every weight is drawn from `generator` (a
     torch.Generator, an int seed, or None for seed 0) with score_sde's initializer; global
@@ -235,6 +247,7 @@ class UNet(nn.Module):
             return AttnBlock(ch, skip_rescale=cfg.skip_rescale, init_scale=cfg.init_scale)
 
         channels, n_levels = cfg.num_channels, len(cfg.ch_mult)
+        out_channels = cfg.output_channels
         self.conv_in = conv2d(channels, nf)
         hs_c, in_ch, pyramid_in_ch = [nf], nf, channels
         self.down = nn.ModuleList()
@@ -281,8 +294,8 @@ class UNet(nn.Module):
                 if not top:
                     level.pyramid_up = Upsample(pyramid_ch, with_conv=False, **fir)
                 level.pyramid_norm = group_norm(in_ch)
-                level.pyramid_conv = conv2d(in_ch, channels, init_scale=cfg.init_scale)
-                pyramid_ch = channels
+                level.pyramid_conv = conv2d(in_ch, out_channels, init_scale=cfg.init_scale)
+                pyramid_ch = out_channels
             elif cfg.progressive == "residual":
                 if top:
                     level.pyramid_norm = group_norm(in_ch)
@@ -299,7 +312,7 @@ class UNet(nn.Module):
 
         if cfg.progressive != "output_skip":
             self.norm_out = group_norm(in_ch)
-            self.conv_out = conv2d(in_ch, channels, init_scale=cfg.init_scale)
+            self.conv_out = conv2d(in_ch, out_channels, init_scale=cfg.init_scale)
 
     # ------------------------------------------------------------------------------ forward
 
