@@ -15,10 +15,12 @@ __all__ = ["GaussianKernel", "eps_to_score"]
 
 
 def _inverse_transpose(L: torch.Tensor) -> torch.Tensor:
-    """L^{-T} of lower-triangular blocks [B, K, K], by a triangular solve in float64."""
+    """L^{-T} of triangular blocks [B, K, K] (lower Cholesky factors, or the upper factors of
+    PSLD's "upper" decomposition), by a triangular solve in float64."""
     L64 = L.to(torch.float64)
     eye = torch.eye(L.shape[-1], dtype=torch.float64, device=L.device).expand_as(L64)
-    return torch.linalg.solve_triangular(L64, eye, upper=False).mT
+    upper = bool((L64.tril(-1) == 0).all()) and not bool((L64.triu(1) == 0).all())
+    return torch.linalg.solve_triangular(L64, eye, upper=upper).mT
 
 
 def eps_to_score(eps: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,8 @@ class GaussianKernel:
     """N(mean, L L^T) on the state, per data coordinate: the perturbation kernel of an SDE.
 
     mean: [B, ...] like the state (None where only the scale matters); scale L: a std [B]
-    (K = 1) or lower-triangular Cholesky factors [B, K, K]. `sample(eps)` = mean + L eps is a
+    (K = 1) or triangular factors [B, K, K] with L L^T the covariance (lower Cholesky factors;
+    upper ones for PSLD's "upper" decomposition). `sample(eps)` = mean + L eps is a
     draw for eps ~ N(0, I), and `score(eps)` = -L^{-T} eps is grad log N at that draw, the DSM
     and HSM target (Vincent 2011; Dockhorn et al. 2022, eq. 14).
     """

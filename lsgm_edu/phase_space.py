@@ -69,14 +69,20 @@ class PhaseSpaceSDE(LinearSDE):
     Pandey & Mandt 2023, eq. 4 with constant D ⪰ 0 and Q = -Q^T (K = 2), or the one-variable
     recipe H = |x|^2 / 2 (K = 1). Prior exp(-H) = N(0, diag(1, M)) per coordinate; lift
     covariance diag(0, gamma M) (the HSM initial condition: m0 ~ N(0, gamma M)). `noise_label`
-    is log t, the input of the references' Fourier time embedding. Built by `recipe`, `CLD` and
-    `PSLD`.
+    is log t, the input of the references' Fourier time embedding. `factorization` is the
+    kernel's scale in z = mean + L ε and s = -L^{-T} ε: "lower" (Cholesky, the references'
+    default) or "upper" (PSLD's `decomp_mode="upper"`, U U^T = Σ with U upper-triangular).
+    Built by `recipe`, `CLD` and `PSLD`.
     """
 
     def __init__(self, D, Q, m_inv: float = 1.0, beta_min: float = 1.0,
                  beta_max: float | None = None, *, gamma: float = 0.04,
-                 numerical_eps: float = 1e-9, N: int = 1000):
+                 numerical_eps: float = 1e-9, factorization: str = "lower", N: int = 1000):
         D, Q = _check_recipe(D, Q, m_inv, gamma)
+        if factorization not in ("lower", "upper"):
+            raise ValueError(f"{type(self).__name__}: factorization must be 'lower' (Cholesky) or "
+                             f"'upper' (PSLD's U-first decomposition), got {factorization!r}")
+        self.factorization = factorization
         K = D.shape[0]
         self.D, self.Q, self.m_inv, self.gamma = D, Q, float(m_inv), float(gamma)
         self.hessian = torch.diag(torch.tensor([1.0, self.m_inv], dtype=F64)[:K])  # ∇H = hessian z
@@ -112,7 +118,8 @@ class PhaseSpaceSDE(LinearSDE):
         (Dockhorn et al. 2022, App. D; PSLD App. SSCS); SSCS samples it exactly.
         """
         return PhaseSpaceSDE(self.D, -self.Q, self.m_inv, self.beta_min, self.beta_max,
-                             gamma=self.gamma, numerical_eps=self.numerical_eps, N=self.N)
+                             gamma=self.gamma, numerical_eps=self.numerical_eps,
+                             factorization=self.factorization, N=self.N)
 
     def dissipation_drift(self, z: torch.Tensor, score: torch.Tensor, t: torch.Tensor
                           ) -> torch.Tensor:
@@ -128,7 +135,8 @@ class PhaseSpaceSDE(LinearSDE):
 
 
 def recipe(D, Q, m_inv: float = 1.0, beta_min: float = 1.0, beta_max: float | None = None, *,
-           gamma: float = 0.04, numerical_eps: float = 1e-9, N: int = 1000) -> PhaseSpaceSDE:
+           gamma: float = 0.04, numerical_eps: float = 1e-9, factorization: str = "lower",
+           N: int = 1000) -> PhaseSpaceSDE:
     """The complete recipe with constant D ⪰ 0 and skew-symmetric Q (Pandey & Mandt 2023, eq. 4),
     time-scaled by beta(t) = beta_min + t (beta_max - beta_min) (constant when beta_max is None).
 
@@ -136,7 +144,7 @@ def recipe(D, Q, m_inv: float = 1.0, beta_min: float = 1.0, beta_max: float | No
     Q = 0): D = 1/2 is the VP SDE.
     """
     return PhaseSpaceSDE(D, Q, m_inv, beta_min, beta_max, gamma=gamma,
-                         numerical_eps=numerical_eps, N=N)
+                         numerical_eps=numerical_eps, factorization=factorization, N=N)
 
 
 _J = [[0.0, -1.0], [1.0, 0.0]]  # the symplectic rotation
@@ -152,11 +160,13 @@ class CLD(PhaseSpaceSDE):
     """
 
     def __init__(self, beta: float = 4.0, m_inv: float = 4.0, gamma: float = 0.04, *,
-                 beta_max: float | None = None, numerical_eps: float = 1e-9, N: int = 1000):
+                 beta_max: float | None = None, numerical_eps: float = 1e-9,
+                 factorization: str = "lower", N: int = 1000):
         m_inv = check_float("CLD", "m_inv", m_inv, positive=True)
         self.friction = 2.0 / math.sqrt(m_inv)
         super().__init__([[0.0, 0.0], [0.0, self.friction]], _J, m_inv, beta, beta_max,
-                         gamma=gamma, numerical_eps=numerical_eps, N=N)
+                         gamma=gamma, numerical_eps=numerical_eps, factorization=factorization,
+                         N=N)
 
     def __repr__(self) -> str:
         return (f"CLD(beta={self.beta_min}, m_inv={self.m_inv}, gamma={self.gamma}, "
@@ -174,7 +184,7 @@ class PSLD(PhaseSpaceSDE):
 
     def __init__(self, beta: float = 8.0, Gamma: float = 0.01, nu: float = 4.01,
                  kappa: float = 0.04, *, beta_max: float | None = None,
-                 numerical_eps: float = 1e-9, N: int = 1000):
+                 numerical_eps: float = 1e-9, factorization: str = "lower", N: int = 1000):
         Gamma = check_float("PSLD", "Gamma", Gamma, low=0.0)
         nu = check_float("PSLD", "nu", nu, low=0.0)
         if nu == Gamma:
@@ -185,7 +195,7 @@ class PSLD(PhaseSpaceSDE):
         D = [[0.5 * Gamma, 0.0], [0.0, 0.5 * nu / m_inv]]
         Q = [[0.0, -0.5], [0.5, 0.0]]
         super().__init__(D, Q, m_inv, beta, beta_max, gamma=kappa,
-                         numerical_eps=numerical_eps, N=N)
+                         numerical_eps=numerical_eps, factorization=factorization, N=N)
 
     def __repr__(self) -> str:
         return (f"PSLD(beta={self.beta_min}, Gamma={self.Gamma}, nu={self.nu}, "

@@ -71,6 +71,7 @@ class SDE(abc.ABC):
     T: float = 1.0
     K: int = 1
     numerical_eps: float = 0.0  # added to the diagonal of every kernel covariance
+    factorization: str = "lower"  # the kernel's scale: lower Cholesky L, or upper U (U U^T = cov)
 
     def __init__(self, N: int = 1000):
         self.N = check_int(type(self).__name__, "N", N, 1)  # discretization steps
@@ -123,13 +124,14 @@ class SDE(abc.ABC):
         C = self.lift_covariance if lift_covariance is None else lift_covariance
         eye = torch.eye(A.shape[-1], dtype=torch.float64, device=A.device)
         cov = A @ C.to(A.device) @ A.mT + Sigma + self.numerical_eps * eye
-        L, info = torch.linalg.cholesky_ex(cov)
+        flip = self.factorization == "upper"  # U = P chol(P cov P) P, P the exchange matrix
+        L, info = torch.linalg.cholesky_ex(cov.flip(-2, -1) if flip else cov)
         if bool((info > 0).any()):
             raise ValueError(
                 f"{type(self).__name__}: the kernel covariance is singular at some "
                 f"t (t = 0, where z_0 given x0 is degenerate?); evaluate at t >= eps > 0"
             )
-        return A, L
+        return A, (L.flip(-2, -1) if flip else L)
 
     def embed(self, x0: torch.Tensor) -> torch.Tensor:
         """The state (x0, 0, ..., 0): data in the first phase component, zeros elsewhere."""

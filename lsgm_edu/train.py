@@ -607,10 +607,14 @@ def _field_default(section, key: str):
         return None
     f = fields[key]
     if f.default is not dataclasses.MISSING:
-        return json.loads(json.dumps(f.default))
-    if f.default_factory is not dataclasses.MISSING:
-        return json.loads(json.dumps(f.default_factory()))
-    return None
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return None
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    return json.loads(json.dumps(value))
 
 
 def _same_training_problem(saved: dict, cfg: Config) -> None:
@@ -621,7 +625,9 @@ def _same_training_problem(saved: dict, cfg: Config) -> None:
         saved = {**saved, "model": _function_keys(saved["model"])}
         now = {**now, "model": _function_keys(now["model"])}
     def saved_value(section, k):  # a key the checkpoint's code did not have yet: its default
-        return saved[section].get(k, _field_default(getattr(cfg, section), k))
+        if k in saved[section]:
+            return saved[section][k]
+        return _field_default(getattr(cfg, section), k)
 
     diffs = [
         f"{section}.{k}: checkpoint {saved_value(section, k)!r} vs now {now[section][k]!r}"

@@ -208,6 +208,34 @@ def test_hsm_keeps_the_momentum_scale_bounded_and_dsm_does_not():
     assert 1 / sde.marginal_scale(times(1e-8))[0, 1, 1] < 1 / math.sqrt(0.04 / 4) + 1e-3
 
 
+@pytest.mark.parametrize("sde_class", [CLD, PSLD])
+def test_upper_factorization_is_another_root_of_the_same_kernel(sde_class):
+    """PSLD's decomp_mode="upper": U U^T = Σ with U upper-triangular; z = mean + U ε and the
+    score -U^{-T} ε is still the gradient of log N(mean, Σ) at z."""
+    lower, upper = sde_class(), sde_class(factorization="upper")
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.randn(4, 3, generator=g, dtype=F64)
+    t = times(1e-4, 0.05, 0.5, 1.0)
+    kl, ku = lower.kernel(x0, t), upper.kernel(x0, t)
+    assert bool((ku.scale.tril(-1) == 0).all()) and bool((kl.scale.triu(1) == 0).all())
+    torch.testing.assert_close(ku.covariance, kl.covariance, rtol=1e-12, atol=1e-14)
+    eps = torch.randn(4, 6, generator=g, dtype=F64)
+    z = ku.sample(eps).requires_grad_(True)
+    blocks = (z - ku.mean).reshape(4, 2, 3)
+    logp = -0.5 * (blocks * torch.linalg.solve(ku.covariance, blocks)).sum()
+    (grad,) = torch.autograd.grad(logp, z)
+    torch.testing.assert_close(ku.score(eps), grad, rtol=1e-9, atol=1e-9)
+    eps_hat = torch.randn(4, 6, generator=g, dtype=F64)
+    model = lambda zz, tt: ku.score(eps_hat)  # an ε-network read through U
+    loss = denoising_score_matching(model, upper, x0, t, SigmaSquaredWeighting(), noise=eps)
+    torch.testing.assert_close(loss, 0.5 * (eps_hat - eps).pow(2).sum(1), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="factorization"):
+        sde_class(factorization="diagonal")
+    with pytest.raises(ValueError, match="lower"):
+        ScoreModel(Constant(3), CLD(factorization="upper"))(torch.zeros(2, 6, 2, 2),
+                                                             torch.full((2,), 0.5))
+
+
 def test_kernel_m0_is_checked():
     sde = CLD()
     with pytest.raises(ValueError, match="m0 must hold"):

@@ -30,6 +30,7 @@ def test_phase_space_configs_are_checked_before_compute():
         (["sde={name: psld}", "model.num_channels=2", "train.mixed_score=true"], "mixed_score"),
         (["sampling.method=sscs"], "complete recipe"),
         ([*CLD_RUN, "sampling.method=ode"], "striding"),
+        ([*CLD_RUN[1:], "sde={name: cld, factorization: upper}"], "whole state"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config("digits8_ddpmpp_vp", extra)

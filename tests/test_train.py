@@ -20,10 +20,11 @@ import pytest
 import torch
 
 from lsgm_edu import checkpoint as ckpt
-from lsgm_edu.configs import LegacyConfigWarning, config_from_dict, load_config
+from lsgm_edu.configs import ConfigError, LegacyConfigWarning, config_from_dict, load_config
 from lsgm_edu.data import shipped_file
 from lsgm_edu.train import (
     TrainingDiverged,
+    _same_training_problem,
     global_batch_indices,
     init_model,
     load_score_model,
@@ -345,3 +346,15 @@ def test_cuda_bf16_channels_last_compile_trains(tmp_path):
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
     x = torch.randn(2, 1, 8, 8, device="cuda")
     assert result.score_model(x, torch.full((2,), 0.5, device="cuda")).dtype == torch.float32
+
+
+def test_resume_reads_a_key_an_older_checkpoint_lacks_as_its_default():
+    """A config key added after a run started (model.out_channels) must not block its resume:
+    missing from the checkpoint means the default; a real difference is still refused."""
+    cfg = _tiny_cfg()
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    del saved["model"]["out_channels"]
+    _same_training_problem(saved, cfg)
+    with pytest.raises(ConfigError, match="model.out_channels: checkpoint 0 vs now 1"):
+        _same_training_problem(saved, _tiny_cfg("model.out_channels=1"))
+

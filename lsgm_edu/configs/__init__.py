@@ -379,7 +379,7 @@ def _validate_phase_space(cfg: Config, sde, data_channels: int) -> None:
     """The score head, mixed score and sampler fit the SDE's phase components."""
     out = getattr(cfg.model, "out_channels", 0) or cfg.model.num_channels
     heads = {sde.K * data_channels: "state"}
-    if sde.K == 2 and not bool(sde.G[0].any()):
+    if sde.K == 2 and not bool(sde.G[0].any()) and sde.factorization == "lower":
         heads[data_channels] = "momentum"  # CLD: no noise on x, the x-score is never used
     if out not in heads:
         raise ConfigError(f"model.out_channels={out}: {SDES.name_of(cfg.sde)} needs the noise of "

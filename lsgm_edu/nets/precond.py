@@ -71,6 +71,10 @@ class ScoreModel(nn.Module):
             raise ValueError(f"ScoreModel: the network returned {tuple(eps_m.shape)} for a state "
                              f"{tuple(z.shape)}; it must return the state's shape, or (K = 2) "
                              f"the data's shape {tuple(m.shape)} (momentum head)")
+        if self.sde.factorization != "lower":
+            raise ValueError("ScoreModel: a momentum head needs the lower (Cholesky) "
+                             "factorization, where s_m depends on ε_m alone; with 'upper' give "
+                             "the network the whole state as output")
         if bool(self.sde.G[0].any()):
             raise ValueError(f"ScoreModel: a momentum head leaves the x-score unmodelled, but "
                              f"{self.sde!r} puts noise on x; give the network out_channels = "
