@@ -110,12 +110,7 @@ def cmd_sample(args) -> int:
         return _lsgm_sample_grid(args)
 
     model, cfg = load_score_model(args.checkpoint, device=args.device)
-    if args.steps:
-        cfg.sampling.steps = args.steps
-    if args.method:
-        cfg.sampling.method = args.method
-    if args.striding:
-        cfg.sampling.striding = args.striding
+    _override_sampling(cfg, args)
     y = None
     if args.class_label is not None:
         y = torch.full((args.n,), args.class_label, dtype=torch.long, device=args.device)
@@ -224,6 +219,20 @@ def sample_batches(model, cfg, n, batch_size, seed, device, y=None, progress=Tru
                        centered=cfg.data.centered).cpu()
 
 
+def _override_sampling(cfg, args) -> None:
+    """--steps, --method and --striding, where given, over the config's sampling section."""
+    for key in ("steps", "method", "striding"):
+        if getattr(args, key, None):
+            setattr(cfg.sampling, key, getattr(args, key))
+
+
+def _add_sampler_options(p) -> None:
+    p.add_argument("--method", choices=["pc", "em", "ode", "sscs"],
+                   help="sampler (default: the config's)")
+    p.add_argument("--striding", choices=["uniform", "quadratic"],
+                   help="time grid of em / sscs (default: the config's)")
+
+
 def _sampler_info(cfg) -> dict:
     return {"method": cfg.sampling.method, "steps": cfg.sampling.steps, "snr": cfg.sampling.snr,
             "n_corrector": cfg.sampling.n_corrector, "striding": cfg.sampling.striding}
@@ -246,12 +255,7 @@ def cmd_eval(args) -> int:
             n=args.num_samples or cfg.eval.bpd_num_samples, batch_size=args.batch_size,
             tol=1e-5, data_dir=args.data_dir, seed=args.seed, device=args.device, json=args.json))
     model, cfg = _load_model(args)
-    if args.steps:
-        cfg.sampling.steps = args.steps
-    if args.method:
-        cfg.sampling.method = args.method
-    if getattr(args, "striding", None):
-        cfg.sampling.striding = args.striding
+    _override_sampling(cfg, args)
     n = args.num_samples or cfg.eval.num_samples
     levels, discretization = _num_levels(cfg), _discretization(cfg)
     result = {"checkpoint": str(args.checkpoint), "config": cfg.name, "num_samples": n,
@@ -577,9 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--steps", type=int)
-    p.add_argument("--method", choices=["pc", "em", "ode", "sscs"])
-    p.add_argument("--striding", choices=["uniform", "quadratic"],
-                   help="time grid of em / sscs (default: the config's)")
+    _add_sampler_options(p)
     p.add_argument("--class-label", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -603,10 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="fid", choices=["fid", "classifier-fid", "bpd", "nll"],
                    help="fid (with IS), classifier-fid (digits), bpd (PF-ODE bits/dim) or nll "
                         "(an LSGM's bound in nats)")
-    p.add_argument("--method", choices=["pc", "em", "ode", "sscs"],
-                   help="sampler (default: the config's)")
-    p.add_argument("--striding", choices=["uniform", "quadratic"],
-                   help="time grid of em / sscs (default: the config's)")
+    _add_sampler_options(p)
     p.add_argument("--tol", type=float, default=1e-5,
                    help="rtol = atol of the PF-ODE: the likelihood's for --metric nll, the "
                         "sampler's for an LSGM's classifier-fid with --method ode")

@@ -26,7 +26,7 @@ import torch
 from lsgm_edu.checks import check_float
 from lsgm_edu.registry import SDES
 from lsgm_edu.sde import LinearSDE
-from lsgm_edu.utils import phase_apply
+from lsgm_edu.utils import phase_apply, psd_sqrt
 
 __all__ = ["CLD", "PSLD", "PhaseSpaceSDE", "recipe"]
 
@@ -57,12 +57,6 @@ def _check_recipe(D, Q, m_inv, gamma) -> tuple[torch.Tensor, torch.Tensor]:
     return D, Q
 
 
-def _psd_sqrt(M: torch.Tensor) -> torch.Tensor:
-    """The symmetric square root of a PSD matrix (diag(sqrt d) for a diagonal one)."""
-    w, V = torch.linalg.eigh(M)
-    return (V * w.clamp_min(0).sqrt()) @ V.mT
-
-
 class PhaseSpaceSDE(LinearSDE):
     """dz = -beta(t) (D + Q) ∇H dt + sqrt(2 beta(t) D) dW, H = |x|^2 / 2 + M^-1 |m|^2 / 2.
 
@@ -90,7 +84,7 @@ class PhaseSpaceSDE(LinearSDE):
         lift = torch.zeros(K, K, dtype=F64)
         if K == 2:
             lift[1, 1] = self.gamma / self.m_inv
-        super().__init__(-(D + Q) @ self.hessian, _psd_sqrt(2 * D), beta_min=beta_min,
+        super().__init__(-(D + Q) @ self.hessian, psd_sqrt(2 * D), beta_min=beta_min,
                          beta_max=beta_max, lift_covariance=lift, prior_covariance=prior,
                          numerical_eps=numerical_eps, N=N)
 
@@ -102,6 +96,12 @@ class PhaseSpaceSDE(LinearSDE):
     def __repr__(self) -> str:
         return (f"PhaseSpaceSDE(D={self.D.tolist()}, Q={self.Q.tolist()}, m_inv={self.m_inv}, "
                 f"beta_min={self.beta_min}, beta_max={self.beta_max}, gamma={self.gamma})")
+
+    supports_splitting = True
+
+    @property
+    def momentum_head_allowed(self) -> bool:
+        return self.K == 2 and not bool(self.G[0].any()) and self.factorization == "lower"
 
     def noise_label(self, t: torch.Tensor) -> torch.Tensor:
         """c(t) = log t (the CLD / PSLD networks' Fourier features of log t)."""

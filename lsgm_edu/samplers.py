@@ -24,7 +24,7 @@ from tqdm.auto import tqdm, trange
 
 from .checks import check_float, check_int, check_interval_eps, check_shape, check_tensor
 from .sde import SDE
-from .utils import append_dims, phase_apply, randn, randn_like
+from .utils import append_dims, phase_apply, psd_sqrt, randn, randn_like
 
 __all__ = [
     "PREDICTORS",
@@ -402,15 +402,14 @@ def _exact_linear_step(linear: SDE, z: torch.Tensor, t_to: float, t_from: float,
     s = torch.tensor([t_to], dtype=torch.float64, device=z.device)
     A, Sigma = linear.transition(s, s.new_tensor([t_from]))
     eye = torch.eye(A.shape[-1], dtype=torch.float64, device=z.device)
-    w, V = torch.linalg.eigh(Sigma + linear.numerical_eps * eye)
-    root = (V * w.clamp_min(0).sqrt()[..., None, :]) @ V.mT  # root root^T = Sigma (+ eps I)
+    root = psd_sqrt(Sigma + linear.numerical_eps * eye)  # root root^T = Sigma (+ eps I)
     B = z.shape[0]
     noise = randn_like(z, generator)
     return phase_apply(A.expand(B, -1, -1), z) + phase_apply(root.expand(B, -1, -1), noise)
 
 
 def _check_splitting(fn: str, sde) -> None:
-    if not (hasattr(sde, "hamiltonian_reversed") and hasattr(sde, "dissipation_drift")):
+    if not sde.supports_splitting:
         raise ValueError(f"{fn}: symmetric splitting needs an SDE of the complete recipe "
                          f"(lsgm_edu.phase_space: recipe, CLD, PSLD), got {sde!r}; the VP SDE is "
                          f"recipe(0.5, 0.0, beta_min=0.1, beta_max=20.0)")

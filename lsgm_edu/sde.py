@@ -27,7 +27,14 @@ import torch
 from lsgm_edu.checks import check_float, check_int, check_tensor, check_time
 from lsgm_edu.kernel import GaussianKernel, eps_to_score
 from lsgm_edu.registry import SDES
-from lsgm_edu.utils import append_dims, phase_apply, phase_block, phase_outer, randn
+from lsgm_edu.utils import (
+    append_dims,
+    phase_apply,
+    phase_block,
+    phase_outer,
+    psd_sqrt,
+    randn,
+)
 
 __all__ = [
     "SDE",
@@ -72,6 +79,7 @@ class SDE(abc.ABC):
     K: int = 1
     numerical_eps: float = 0.0  # added to the diagonal of every kernel covariance
     factorization: str = "lower"  # the kernel's scale: lower Cholesky L, or upper U (U U^T = cov)
+    supports_splitting: bool = False  # SSCS: hamiltonian_reversed() and dissipation_drift()
 
     def __init__(self, N: int = 1000):
         self.N = check_int(type(self).__name__, "N", N, 1)  # discretization steps
@@ -133,6 +141,12 @@ class SDE(abc.ABC):
             )
         return A, (L.flip(-2, -1) if flip else L)
 
+    @property
+    def momentum_head_allowed(self) -> bool:
+        """Whether a network may predict the momentum noise ε_m alone (CLD's head): K = 2, no
+        noise on x (the x-score is never used) and the lower factor (s_m depends on ε_m only)."""
+        return False
+
     def embed(self, x0: torch.Tensor) -> torch.Tensor:
         """The state (x0, 0, ..., 0): data in the first phase component, zeros elsewhere."""
         return torch.cat([x0] + [torch.zeros_like(x0)] * (self.K - 1), dim=1)
@@ -172,8 +186,7 @@ class SDE(abc.ABC):
         if not bool(self.lift_covariance.any()):
             return self.embed(x0)
         C = self.lift_covariance.to(x0.device)
-        w, V = torch.linalg.eigh(C)
-        root = (V * w.clamp_min(0).sqrt()) @ V.mT
+        root = psd_sqrt(C)
         z0 = self.embed(x0)
         if noise is None:
             noise = randn(z0.shape, generator, device=x0.device, dtype=x0.dtype)

@@ -39,6 +39,13 @@ def phase_block(M: torch.Tensor) -> torch.Tensor:
     return M.reshape(-1, 1, 1) if M.ndim == 1 else M
 
 
+def psd_sqrt(M: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root R = R^T of a PSD matrix (or a batch [..., K, K]), R R^T = M:
+    diag(sqrt d) for a diagonal one. Eigenvalues rounded below 0 count as 0."""
+    w, V = torch.linalg.eigh(M)
+    return (V * w.clamp_min(0).sqrt()[..., None, :]) @ V.mT
+
+
 def is_fast_mode() -> bool:
     """True when `LSGM_EDU_FAST=1` (set by the tests): chapters shrink every loop."""
     return os.environ.get(FAST_ENV, "0").strip().lower() in {"1", "true", "yes"}

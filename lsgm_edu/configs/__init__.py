@@ -379,7 +379,7 @@ def _validate_phase_space(cfg: Config, sde, data_channels: int) -> None:
     """The score head, mixed score and sampler fit the SDE's phase components."""
     out = getattr(cfg.model, "out_channels", 0) or cfg.model.num_channels
     heads = {sde.K * data_channels: "state"}
-    if sde.K == 2 and not bool(sde.G[0].any()) and sde.factorization == "lower":
+    if sde.momentum_head_allowed:
         heads[data_channels] = "momentum"  # CLD: no noise on x, the x-score is never used
     if out not in heads:
         raise ConfigError(f"model.out_channels={out}: {SDES.name_of(cfg.sde)} needs the noise of "
@@ -390,7 +390,7 @@ def _validate_phase_space(cfg: Config, sde, data_channels: int) -> None:
                           "Gamma = 0) and a momentum head (model.out_channels = data channels)")
     if sde.K > 1 and not cfg.data.centered:
         raise ConfigError("data.centered must be true for a phase-space SDE (data in [-1, 1])")
-    if cfg.sampling.method == "sscs" and not hasattr(sde, "hamiltonian_reversed"):
+    if cfg.sampling.method == "sscs" and not sde.supports_splitting:
         raise ConfigError(f"sampling.method=sscs needs an SDE of the complete recipe (cld, psld), "
                           f"got {SDES.name_of(cfg.sde)}")
     if cfg.sampling.striding != "uniform" and cfg.sampling.method in ("ode", "pc"):

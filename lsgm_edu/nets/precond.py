@@ -53,6 +53,10 @@ class ScoreModel(nn.Module):
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The noise prediction ε̂(z_t, t) of the whole state (zeros where the head is silent)."""
+        return self._eps(x, t, y)
+
+    def _eps(self, x, t, y=None, scale=None) -> torch.Tensor:
+        """`eps`, reusing the kernel scale L_t when the caller has it (`scale`)."""
         c = self.sde.noise_label(t) if self.time_input == "noise_label" else t
         x_in = x if self.centered else 2 * x - 1
         out = self.net(x_in, c) if y is None else self.net(x_in, c, y)
@@ -62,25 +66,19 @@ class ScoreModel(nn.Module):
                                  "whose output has the data's channels); this one predicts the "
                                  "whole state")
             return out
-        return self._momentum_head(out, x, t)
+        return self._momentum_head(out, x, t, scale)
 
-    def _momentum_head(self, eps_m: torch.Tensor, z: torch.Tensor, t: torch.Tensor):
+    def _momentum_head(self, eps_m: torch.Tensor, z: torch.Tensor, t: torch.Tensor, scale=None):
         """(0, ε̂_m), plus CLD's Normal part L_mm m / Σ_mm in ε units when mixed_score."""
         x, m = self.sde.project(z), z[:, z.shape[1] // 2:]
         if self.sde.K != 2 or eps_m.shape != m.shape:
             raise ValueError(f"ScoreModel: the network returned {tuple(eps_m.shape)} for a state "
                              f"{tuple(z.shape)}; it must return the state's shape, or (K = 2) "
                              f"the data's shape {tuple(m.shape)} (momentum head)")
-        if self.sde.factorization != "lower":
-            raise ValueError("ScoreModel: a momentum head needs the lower (Cholesky) "
-                             "factorization, where s_m depends on ε_m alone; with 'upper' give "
-                             "the network the whole state as output")
-        if bool(self.sde.G[0].any()):
-            raise ValueError(f"ScoreModel: a momentum head leaves the x-score unmodelled, but "
-                             f"{self.sde!r} puts noise on x; give the network out_channels = "
-                             f"{z.shape[1]} (the whole state)")
+        if not self.sde.momentum_head_allowed:
+            _refuse_momentum_head(self.sde, z.shape[1])
         if self.mixed_score:
-            L = self._scale(z, t)
+            L = self._scale(z, t) if scale is None else scale
             L_mm, var_mm = L[:, 1, 1], (L[:, 1] ** 2).sum(-1)
             eps_m = eps_m + append_dims((L_mm / var_mm).to(z.dtype), z.ndim) * m
         return torch.cat([torch.zeros_like(x), eps_m], dim=1)
@@ -90,7 +88,19 @@ class ScoreModel(nn.Module):
         return self.sde.marginal_scale(t_scale)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
-        return eps_to_score(self.eps(x, t, y), self._scale(x, t).to(x.dtype))
+        scale = self._scale(x, t)
+        return eps_to_score(self._eps(x, t, y, scale), scale.to(x.dtype))
+
+
+def _refuse_momentum_head(sde, state_channels: int) -> None:
+    """Why `sde` cannot take a momentum head (`sde.momentum_head_allowed` is False)."""
+    if sde.factorization != "lower":
+        raise ValueError("ScoreModel: a momentum head needs the lower (Cholesky) factorization, "
+                         "where s_m depends on ε_m alone; with 'upper' give the network the "
+                         "whole state as output")
+    raise ValueError(f"ScoreModel: a momentum head leaves the x-score unmodelled, but {sde!r} "
+                     f"puts noise on x; give the network out_channels = {state_channels} (the "
+                     f"whole state)")
 
 
 def _check_score_args(sde, centered, time_input, mixed_score) -> None:
@@ -100,7 +110,7 @@ def _check_score_args(sde, centered, time_input, mixed_score) -> None:
     if sde is not None and sde.K > 1 and not centered:
         raise ValueError("ScoreModel: phase-space SDEs take data centered in [-1, 1] "
                          "(data.centered: true); the 2x - 1 rescaling is for K = 1 only")
-    if mixed_score and (sde is None or sde.K != 2 or bool(sde.G[0].any())):
+    if mixed_score and (sde is None or not sde.momentum_head_allowed):
         raise ValueError(f"ScoreModel: mixed_score is CLD's (noise on the momentum only, K = 2); "
                          f"got {sde!r}")
 
