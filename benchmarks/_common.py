@@ -57,3 +57,22 @@ def write_results(report: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, json.dumps(report, indent=1) + "\n")
+
+
+TRAIN_SUBSET_STREAM = 9  # the seed stream of the training-image subsets of `fid_floor`
+
+
+def fid_floor(fid, train: torch.Tensor, n: int, seed: int) -> dict:
+    """The classifier-FID of real training images against the reference, for disjoint seeded
+    random subsets of n images (image sets of a sample's size: the metric's floor and its own
+    sampling noise at that n). Random, not the first n: the mnist5k splits are sorted by label.
+    `fid(images)` computes the metric; returns the mean, s.d. and the draws."""
+    from lsgm_edu.train import seeded_generator
+
+    order = torch.randperm(len(train), generator=seeded_generator(seed, TRAIN_SUBSET_STREAM))
+    size = min(n, len(train))
+    draws = [fid(train[order[i : i + size]]) for i in range(0, len(train) - size + 1, size)]
+    return {"classifier_fid": sum(draws) / len(draws),
+            "classifier_fid_sd": float(torch.tensor(draws).std()) if len(draws) > 1 else None,
+            "classifier_fid_draws": draws, "n": size}
+

@@ -36,12 +36,11 @@ from lsgm_edu.train import derived_seed, load_lsgm, load_score_model, seeded_gen
 from lsgm_edu.utils import PerSampleGenerators
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, utc_now, write_results
+from _common import fid_floor, machine, utc_now, write_results
 
 TOLERANCES = [1e-2, 1e-3, 1e-4, 1e-5]
 NLL_TOL = 1e-5  # the ODE tolerance of the likelihood, as LSGM evaluates it
 SAMPLE_STREAM, BINARIZE_STREAM, POSTERIOR_STREAM = 8, 6, 7  # the CLI's streams (lsgm_edu.__main__)
-TRAIN_SUBSET_STREAM = 9
 
 
 def to_uint8_28(images01: torch.Tensor) -> torch.Tensor:
@@ -236,9 +235,7 @@ def main(argv=None) -> dict:
     def fid(images):
         return metrics.classifier_fid(images, reference, classifier)
 
-    order = torch.randperm(len(train), generator=seeded_generator(args.seed, TRAIN_SUBSET_STREAM))
-    size = min(n, len(train))
-    subset_fids = [fid(train[order[i : i + size]]) for i in range(0, len(train) - size + 1, size)]
+    floor = fid_floor(fid, train, n, args.seed)
     t0 = time.perf_counter()
     vae_images = to_uint8_28(vae_models["vae"].sample(
         n, seeded_generator(args.seed, SAMPLE_STREAM), use_mean=True))
@@ -250,10 +247,7 @@ def main(argv=None) -> dict:
         "test_halves": {"classifier_fid": metrics.classifier_fid(reference[0::2], reference[1::2],
                                                                  classifier), "n": 250,
                         "note": "even vs odd test images (the split is sorted by label)"},
-        "train_subset_vs_test": {"classifier_fid": sum(subset_fids) / len(subset_fids),
-                                 "classifier_fid_sd": float(torch.tensor(subset_fids).std())
-                                 if len(subset_fids) > 1 else None,
-                                 "classifier_fid_draws": subset_fids, "n": size,
+        "train_subset_vs_test": {**floor,
                                  "note": "disjoint seeded random subsets of the train split, as "
                                          "many images as each model's sample set, vs the test "
                                          "set: the mean, and the spread that is the FID's own "

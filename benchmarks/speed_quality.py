@@ -30,7 +30,7 @@ from lsgm_edu.train import derived_seed, load_score_model
 from lsgm_edu.utils import PerSampleGenerators
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, utc_now, write_results
+from _common import fid_floor, machine, utc_now, write_results
 
 MODELS = ("mnist28_ddpmpp_vp", "mnist28_cld", "mnist28_psld")
 STEPS = (20, 50, 100, 250)
@@ -85,7 +85,7 @@ def plot(report: dict, path: Path) -> None:
             ax.plot([r["nfe"] for r in rows], [r["classifier_fid"] for r in rows], styles[key],
                     marker="*" if key == "ode" else "o", label=key.replace("_", ", "))
         ax.axhline(report["floor"]["classifier_fid"], color="grey", lw=0.8,
-                   label="floor: training digits")
+                   label="floor: sets of training digits")
         ax.set(xscale="log", yscale="log", xlabel="NFE", title=name)
         ax.set_xticks(STEPS, labels=[str(s) for s in STEPS], minor=False)
     axes[0].set(ylabel=f"classifier-FID ({report['num_samples']} samples)")
@@ -114,8 +114,9 @@ def main(argv=None) -> dict:
     reference = data.load_dataset("mnist5k", "test").data
     train = data.load_dataset("mnist5k", "train").data
     report = {"num_samples": n, "models": {},
-              "floor": {"classifier_fid": metrics.classifier_fid(train[:n], reference, classifier),
-                        "what": f"the first {n} mnist5k training digits"}}
+              "floor": {**fid_floor(lambda x: metrics.classifier_fid(x, reference, classifier),
+                                    train, n, args.seed),
+                        "what": f"disjoint random sets of {n} mnist5k training digits"}}
     for name in args.models:
         model, cfg = load_score_model(data.shipped_file(f"checkpoints/{name}.json"))
         rows: dict = {}

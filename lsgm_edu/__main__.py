@@ -312,12 +312,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _log_p_protocol(args, cfg) -> str:
+def _log_p_protocol(args, cfg, sde) -> str:
     if args.estimator == "ode":
-        return (f"log p(z0) by the PF-ODE of the score prior (dopri5, rtol=atol={args.tol}, "
+        phase = ("" if sde is None or sde.K == 1 else
+                 " of the state, bounded as log p(z0, m) + H(r) with one m from r, the kernel's "
+                 "momentum marginal at eps given z0")
+        return (f"log p(z0) by the PF-ODE of the score prior{phase} (dopri5, rtol=atol={args.tol}, "
                 f"eps={cfg.sampling.eps}, one Gaussian Hutchinson probe)")
+    sampler = "ll_iw" if sde is None or sde.variance_preserving else "uniform"
     return (f"-log p(z0) bounded by the denoising cross-entropy (LSGM eq. 8), mean of "
-            f"{args.draws} draws of t ~ ll_iw on [{cfg.lsgm.time_eps}, 1] and noise")
+            f"{args.draws} draws of t ~ {sampler} on [{cfg.lsgm.time_eps}, 1] and noise")
 
 
 def _positive_int(text: str) -> int:
@@ -358,7 +362,8 @@ def _lsgm_eval(args) -> int:
     n = min(args.num_samples or cfg.eval.bpd_num_samples, len(ds))
     info, vc = data_module.DATASETS[cfg.data.dataset], cfg.model.vae
     dims = vc.num_channels * (vc.image_size - 2 * vc.crop_output) ** 2
-    t_sampler = (time_sampler("ll_iw", sde, cfg.lsgm.time_eps)
+    t_sampler = (time_sampler("ll_iw" if sde.variance_preserving else "uniform", sde,
+                              cfg.lsgm.time_eps)
                  if sde is not None and args.estimator == "cross_entropy" else None)
     nll, nfe = [], []
     for start in range(0, n, args.batch_size):
@@ -397,7 +402,7 @@ def _lsgm_eval(args) -> int:
             "biases the importance-weighted bound low" if args.iw_samples > 1 and sde is not None
             else None])) or None,
         "protocol": (_bound_protocol(args.iw_samples)
-                     + (_log_p_protocol(args, cfg) + ", lower latent groups under N(0, I)"
+                     + (_log_p_protocol(args, cfg, sde) + ", lower latent groups under N(0, I)"
                         if sde is not None else
                         "the VAE alone (N(0, I) priors): recon + sum of KL")
                      + ("; test images dynamically binarized, image i with u from "

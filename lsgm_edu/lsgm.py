@@ -10,6 +10,12 @@ diffusion time (LSGM, Thm. 1 / eq. 8): for a VP-type SDE with kernel z_t = m_t z
 up to the terminal mismatch of q and p at t = 1 (small: both are close to N(0, I) there). The
 integral is estimated with one t per sample from a time sampler q(t) and its weight 1 / q(t)
 (`losses.time_sampler`), and z0 is reparameterized, so the gradient reaches the encoder.
+
+The prior may diffuse by any SDE of the engine. A phase-space prior (CLD, PSLD: latent PSLD)
+diffuses the state (z0, m0) by its HSM kernel, ε̂ is the state's noise, the weight becomes the
+block L^{-1} G G^T L^{-T} / 2 (`likelihood_weight`), and the constant keeps only the entropy of
+the latent's component of the kernel, so the estimate bounds the latent's cross-entropy
+(`cross_entropy_constant`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from lsgm_edu.nets.precond import MixedScore
 from lsgm_edu.nets.unet import UNet, UNetConfig
 from lsgm_edu.registry import MODELS
 from lsgm_edu.sde import SDE
-from lsgm_edu.utils import EvalMode, randn_like
+from lsgm_edu.utils import EvalMode, phase_apply, phase_outer, randn, randn_like
 from lsgm_edu.vae import NVAE, VAEConfig, log_standard_normal
 
 __all__ = [
@@ -53,19 +59,39 @@ __all__ = [
     "p_weight",
     "sample_latent",
     "top_kl_per_channel",
+    "weighted_error",
 ]
 
 
 def likelihood_weight(sde: SDE, t: torch.Tensor) -> torch.Tensor:
-    """g(t)^2 / (2 σ_t^2): the weight of ||ε̂ - ε||^2 in the likelihood-weighted loss [B]."""
+    """The weight of the residual ε̂ - ε in the likelihood-weighted loss: g(t)^2 / (2 σ_t^2) [B],
+    or in phase space the block W = L^{-1} G G^T L^{-T} / 2 [B, K, K], so that the loss
+    1/2 |G^T (s - ∇log p_0t)|^2 = tr(W (ε̂ - ε)(ε̂ - ε)^T) (Song et al. 2021b, eq. 10;
+    Dockhorn et al. 2022, eq. 11). Apply it with `weighted_error`."""
     _, g = sde.sde_coefficients(t)
-    return g.pow(2) / (2 * sde.marginal_scale(t).pow(2))
+    L = sde.marginal_scale(t)
+    if L.ndim == 1:
+        return g.pow(2) / (2 * L.pow(2))
+    L_inv_G = torch.linalg.solve(L, g.to(L.dtype))
+    return 0.5 * L_inv_G @ L_inv_G.mT
+
+
+def weighted_error(weight: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+    """tr(W E) per sample [B]: w |r|^2 for a scalar weight [B], Σ_ij W_ij E_ij for a block."""
+    if weight.ndim == 1:
+        return weight.to(error.dtype) * error
+    return (weight.to(error.dtype) * error).sum((-2, -1))
 
 
 def cross_entropy_constant(sde: SDE, eps: float, dims: int) -> float:
-    """D/2 (1 + log 2π σ_eps^2), the entropy of the kernel at t = eps (LSGM, eq. 8)."""
-    var = sde.marginal_scale(torch.tensor([float(eps)], dtype=torch.float64)).pow(2).item()
-    return 0.5 * dims * (1 + math.log(2 * math.pi * var))
+    """D/2 (1 + log 2π σ_eps^2): the entropy of the kernel at t = eps (LSGM, eq. 8). In phase
+    space σ_eps^2 is the variance Σ_xx of the latent's component of the kernel: the state's
+    cross-entropy bounds the latent's, CE(q(z)||p(z)) <= CE(q(z, m)||p(z, m)) - H(q(m | z)),
+    and H(q(m | z)) >= H(m | z, z0) = H(kernel) - 1/2 log(2πe Σ_xx) (conditioning cannot add
+    entropy), so subtracting the kernel's conditional entropy of m leaves D/2 log(2πe Σ_xx)."""
+    L = sde.marginal_scale(torch.tensor([float(eps)], dtype=torch.float64))
+    var = L.pow(2) if L.ndim == 1 else (L @ L.mT)[:, 0, 0]
+    return 0.5 * dims * (1 + math.log(2 * math.pi * var.item()))
 
 
 def normal_entropy(std: torch.Tensor) -> torch.Tensor:
@@ -99,37 +125,45 @@ def cross_entropy_at(sde: SDE, eps_fn, z0: torch.Tensor, t_sampler,
                      noise: torch.Tensor | None = None) -> torch.Tensor:
     """The same estimate [B] at a given posterior sample z0 (any posterior, e.g. after
     normalizing flows): weight(t) g^2/(2σ_t^2) ||ε̂(z_t, t) - ε||^2 + D/2 (1 + log 2π σ_eps^2).
-    t ~ t_sampler and ε ~ N(0, I) come from `generator`, or are given (`t`, `noise`)."""
+    t ~ t_sampler and ε ~ N(0, I) (of the state's shape) come from `generator`, or are given
+    (`t`, `noise`)."""
     if t is None:
         t = t_sampler.sample(z0.shape[0], generator, device=z0.device, dtype=z0.dtype)
-    noise = randn_like(z0, generator) if noise is None else noise
+    if noise is None:
+        noise = randn(sde.state_shape(z0.shape), generator, device=z0.device, dtype=z0.dtype)
     error = denoising_error(sde, eps_fn, z0, t, noise)
     return cross_entropy_from_error(sde, t_sampler, t, error, z0[0].numel())
 
 
 def eps_of(score_model, sde: SDE):
-    """ε̂(z, t) = -σ_t s(z, t): the noise prediction of a score model, through its forward
-    (a DistributedDataParallel wrapper synchronizes gradients only there)."""
+    """ε̂(z, t) = -L_t^T s(z, t) (-σ_t s for K = 1): the noise prediction of a score model,
+    through its forward (a DistributedDataParallel wrapper synchronizes gradients only there)."""
 
     def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sigma = sde.marginal_scale(t.to(device=z.device)).to(z.dtype)
-        return -sigma.reshape(-1, *([1] * (z.ndim - 1))) * score_model(z, t)
+        L = sde.marginal_scale(t.to(device=z.device)).to(z.dtype)
+        return -phase_apply(L if L.ndim == 1 else L.mT, score_model(z, t))
 
     return eps_fn
 
 
 def denoising_error(sde: SDE, eps_fn, z0: torch.Tensor, t: torch.Tensor,
                     noise: torch.Tensor) -> torch.Tensor:
-    """||ε̂(z_t, t) - ε||^2 per sample [B] (float32 or wider), z_t = m_t z0 + σ_t ε."""
+    """||ε̂(z_t, t) - ε||^2 per sample [B] (float32 or wider), z_t = m_t z0 + σ_t ε; in phase
+    space (z_t from the HSM kernel of the latent z0) the Gram matrix Σ r r^T of the residual's
+    phase components, [B, K, K], which `weighted_error` weighs."""
     z_t = sde.kernel(z0, t).sample(noise)
-    return (eps_fn(z_t, t) - noise).float().pow(2).flatten(1).sum(1)
+    residual = (eps_fn(z_t, t) - noise).float()
+    if sde.K == 1:
+        return residual.pow(2).flatten(1).sum(1)
+    r = residual.reshape(len(residual), sde.K, -1)
+    return r @ r.mT
 
 
 def cross_entropy_from_error(sde: SDE, t_sampler, t: torch.Tensor, error: torch.Tensor,
                              dims: int) -> torch.Tensor:
     """The cross-entropy estimate [B] from the denoising error at t ~ t_sampler (LSGM, eq. 8)."""
-    weight = (t_sampler.weight(t) * likelihood_weight(sde, t)).to(error.dtype)
-    return weight * error + cross_entropy_constant(sde, t_sampler.eps, dims)
+    weight = t_sampler.weight(t).reshape(-1, *([1] * (error.ndim - 1))) * likelihood_weight(sde, t)
+    return weighted_error(weight, error) + cross_entropy_constant(sde, t_sampler.eps, dims)
 
 
 def normal_cross_entropy(groups) -> torch.Tensor:
@@ -141,8 +175,6 @@ def normal_cross_entropy(groups) -> torch.Tensor:
 
 def _check_cross_entropy_args(sde, eps_fn, mean, std, t_sampler) -> None:
     fn = "cross_entropy"
-    if sde.K != 1:
-        raise ValueError(f"{fn}: LSGM's prior lives on a scalar SDE (K = 1), got {sde!r}")
     check_callable(fn, "eps_fn", eps_fn, "eps_fn(z_t, t) -> like z_t")
     check_tensor(fn, "mean", mean, min_ndim=2)
     check_like(fn, "std", std, mean)
@@ -192,7 +224,7 @@ class LSGMConfig:
     """An LSGM: the NVAE of `vae` and the latent NCSN++ of `sgm` inside a `MixedScore`.
 
     `sgm` sees the VAE's top latent: its image_size / num_channels must equal the VAE's
-    `top_latent_shape`. `mixing_logit_init`: LSGM's --mixing_logit_init (-3 CIFAR-10, -6 MNIST,
+    `top_latent_shape` (K times its channels for a phase-space prior: the state (z0, m0)). `mixing_logit_init`: LSGM's --mixing_logit_init (-3 CIFAR-10, -6 MNIST,
     OMNIGLOT, CelebA-HQ); `embedding_scale`: the network's time input is this times t (1000).
     """
 
@@ -220,11 +252,11 @@ class LSGMConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first field that does not fit."""
         c, h, w = self.vae.top_latent_shape
-        if (self.sgm.num_channels, self.sgm.image_size) != (c, h):
+        if self.sgm.num_channels % c or self.sgm.image_size != h:
             raise ValueError(
-                f"LSGMConfig.sgm: the score prior models the VAE's top latent {c}x{h}x{w}; set "
-                f"sgm.num_channels={c} sgm.image_size={h} (got {self.sgm.num_channels} and "
-                f"{self.sgm.image_size})")
+                f"LSGMConfig.sgm: the score prior models the VAE's top latent {c}x{h}x{w} (or the "
+                f"K x {c} channels of its phase-space state); set sgm.num_channels={c} "
+                f"sgm.image_size={h} (got {self.sgm.num_channels} and {self.sgm.image_size})")
         if self.sgm.num_classes:
             raise ValueError("LSGMConfig.sgm.num_classes: the latent prior is unconditional; set 0")
         check_float("LSGMConfig", "mixing_logit_init", self.mixing_logit_init, high=20.0)
@@ -274,13 +306,16 @@ P_WEIGHTINGS = {
 
 
 def p_weight(kind: str, sde: SDE, t: torch.Tensor) -> torch.Tensor:
-    """λ_p(t) of `P_WEIGHTINGS`: "likelihood" g²/(2σ_t²), "g2" g²/2 or "unit" 1, [B]."""
+    """λ_p(t) of `P_WEIGHTINGS`: "likelihood" g²/(2σ_t²), "g2" g²/2 or "unit" 1, [B]; in phase
+    space the blocks L^{-1} G G^T L^{-T} / 2, G G^T / 2 and I [B, K, K] (`weighted_error`)."""
     if kind == "likelihood":
         return likelihood_weight(sde, t)
     if kind == "g2":
-        return sde.sde_coefficients(t)[1].pow(2) / 2
+        return phase_outer(sde.sde_coefficients(t)[1]) / 2
     if kind == "unit":
-        return torch.ones_like(t)
+        if sde.K == 1:
+            return torch.ones_like(t)
+        return torch.eye(sde.K, dtype=t.dtype, device=t.device).expand(len(t), -1, -1)
     raise ValueError(f"p_weight: kind must be likelihood, g2 or unit, got {kind!r}")
 
 
@@ -303,24 +338,31 @@ def sample_latent(sgm: MixedScore, sde: SDE, n: int, shape, *, method: str = "od
 
     method "ode": the probability-flow ODE by dopri5 at (rtol, atol) from T to eps (LSGM samples
     with RK45 at 1e-5, eps 1e-6 without a denoising step); "em": Euler-Maruyama with `steps`;
-    "pc": reverse diffusion + one Langevin corrector per step (snr 0.16).
+    "pc": reverse diffusion + one Langevin corrector per step (snr 0.16); "sscs": symmetric
+    splitting (phase-space SDEs; `steps` evaluations, the last a denoising step). A phase-space
+    prior samples the state (z0, m0) and returns its z0 (`sde.project`).
     """
     from lsgm_edu import samplers
 
     check_int("sample_latent", "n", n, low=1)
-    full = (n, *shape)
+    if method == "sscs" and not sde.supports_splitting:
+        raise ValueError(f"sample_latent: method sscs needs an SDE of the complete recipe (cld, "
+                         f"psld), got {sde!r}")
+    full = sde.state_shape((n, *shape))
+    kw = {"eps": eps, "generator": generator, "device": device}
     if method == "ode":
-        z, nfe = samplers.probability_flow(sde, sgm, full, rtol=rtol, atol=atol, eps=eps,
-                                           generator=generator, device=device, return_nfe=True)
-        return z, nfe
-    if method == "em":
-        return samplers.euler_maruyama(sde, sgm, full, steps, eps=eps, generator=generator,
-                                       device=device), steps + 1
-    if method == "pc":
-        return samplers.predictor_corrector(sde, sgm, full, steps, 0.16, 1,
-                                            predictor="euler_maruyama", eps=eps,
-                                            generator=generator, device=device), 2 * steps + 1
-    raise ValueError(f"sample_latent: method must be ode, em or pc, got {method!r}")
+        z, nfe = samplers.probability_flow(sde, sgm, full, rtol=rtol, atol=atol, return_nfe=True,
+                                           **kw)
+    elif method == "em":
+        z, nfe = samplers.euler_maruyama(sde, sgm, full, steps, **kw), steps + 1
+    elif method == "pc":
+        z, nfe = samplers.predictor_corrector(sde, sgm, full, steps, 0.16, 1,
+                                              predictor="euler_maruyama", **kw), 2 * steps + 1
+    elif method == "sscs":
+        z, nfe = samplers.sscs(sde, sgm, full, steps, **kw), steps
+    else:
+        raise ValueError(f"sample_latent: method must be ode, em, pc or sscs, got {method!r}")
+    return sde.project(z), nfe
 
 
 @torch.no_grad()
@@ -391,11 +433,13 @@ def nll_bound(models, sde: SDE | None, x: torch.Tensor, *, ode_eps: float = 1e-5
 
     estimator "ode": log p(z0) by the probability-flow ODE from ode_eps to 1 (dopri5 at
     rtol = atol = tol, one Gaussian Hutchinson probe as LSGM App. F, or the exact divergence
-    for small latents), nfe = its evaluations.
+    for small latents), nfe = its evaluations; a phase-space prior gives the bound
+    log p(z0, m) + H(r(m)) with one m from the kernel's momentum marginal at ode_eps given z0
+    (`likelihood.data_log_likelihood` with momentum_at_eps).
     estimator "cross_entropy": -log p(z0) <= the denoising cross-entropy `cross_entropy_at`
     (eq. 8), averaged over `draws` draws of (t ~ t_sampler, ε): the training objective's bound,
     an upper bound on -log p_SDE(z0) in expectation; nfe = draws."""
-    from lsgm_edu.likelihood import log_likelihood
+    from lsgm_edu.likelihood import data_log_likelihood
 
     _check_nll_args(estimator, t_sampler, draws)
     vae = models["vae"]
@@ -409,8 +453,9 @@ def nll_bound(models, sde: SDE | None, x: torch.Tensor, *, ode_eps: float = 1e-5
     z0 = vae.top_latent(out.eps[:top])
     if estimator == "ode":
         with torch.enable_grad():
-            res = log_likelihood(sde, models["sgm"], z0, exact_divergence, rtol=tol, atol=tol,
-                                 eps=ode_eps, probe="gaussian", generator=generator)
+            res = data_log_likelihood(sde, models["sgm"], z0, exact_divergence=exact_divergence,
+                                      rtol=tol, atol=tol, eps=ode_eps, probe="gaussian",
+                                      generator=generator, momentum_at_eps=True)
         log_p_top, nfe = res.logp, int(res.nfe)
     else:
         eps_fn = eps_of(models["sgm"], sde)

@@ -191,6 +191,8 @@ class LSGMObjective:
           CE = weight(t) g²/(2σ²) |ε̂ - ε|² + D/2 (1 + log 2π σ²_eps) on the top latent (same t
           and ε: "reweight_p_samples"; or a fresh t from `q_sampler`, same ε, as the reference)
           plus -log N(ε_j; 0, I) of the lower groups.
+    A phase-space prior (CLD, PSLD: any SDE of the engine) diffuses the lifted state (z0, m0) by
+    its HSM kernel; λ_p and g²/(2σ²) become K x K blocks (`lsgm.p_weight`) and t is uniform.
     The trainer descends each model's own loss (gradients of p never reach the VAE). Logs the
     NELBO (β = 1) per image in nats.
 
@@ -217,6 +219,12 @@ class LSGMObjective:
             raise ValueError("LSGMObjective: disjoint training draws the VAE's own t: "
                              "iw_sample_q must be ll_uniform or ll_iw")
         sampler_name, self.p_kind = P_WEIGHTINGS[iw_sample_p]
+        if not sde.variance_preserving and not (iw_sample_p.endswith("uniform") and iw_sample_q
+                                                in ("reweight_p_samples", "ll_uniform")):
+            raise ValueError(f"LSGMObjective: the importance samplers of t are derived for a "
+                             f"VP-type SDE; {sde!r} takes uniform t "
+                             f"(iw_sample_p *_uniform, iw_sample_q reweight_p_samples or "
+                             f"ll_uniform), got {iw_sample_p} / {iw_sample_q}")
         self.disjoint = disjoint
         self.sde, self.time_eps = sde, time_eps
         self.p_sampler = time_sampler(sampler_name, sde, time_eps)
@@ -258,17 +266,19 @@ class LSGMObjective:
         top = raw_vae.groups_per_scale[0]
         z0 = raw_vae.top_latent(out.eps)
         t = generator.draw(lambda n, g: self.p_sampler.sample(n, g, dtype=torch.float64))
-        noise = generator.randn(*z0.shape[1:], dtype=z0.dtype)
+        noise = generator.randn(*self.sde.state_shape(z0.shape)[1:], dtype=z0.dtype)
         eps_fn = lsgm.eps_of(sgm, self.sde)
         sampler_q = self.q_sampler or self.p_sampler
         t_q = t if self.q_sampler is None else generator.draw(
             lambda n, g: sampler_q.sample(n, g, dtype=torch.float64))
-        noise_q = generator.randn(*z0.shape[1:], dtype=z0.dtype) if self.disjoint else noise
+        noise_q = (generator.randn(*noise.shape[1:], dtype=z0.dtype) if self.disjoint
+                   else noise)
         # joint: the SGM and the VAE share ε (and t with "reweight_p_samples"); disjoint: not
         error = lsgm.denoising_error(self.sde, eps_fn, z0.detach() if self.disjoint else z0,
                                      t, noise)
-        p_weight = self.p_sampler.weight(t) * lsgm.p_weight(self.p_kind, self.sde, t)
-        p_loss = p_weight.float() * error
+        p_weight = lsgm.p_weight(self.p_kind, self.sde, t)
+        p_weight = p_weight * self.p_sampler.weight(t).reshape(-1, *[1] * (p_weight.ndim - 1))
+        p_loss = lsgm.weighted_error(p_weight.float(), error)
         error_q = error if self.q_sampler is None else lsgm.denoising_error(
             self.sde, eps_fn, z0, t_q, noise_q)
         ce = (lsgm.cross_entropy_from_error(self.sde, sampler_q, t_q, error_q, z0[0].numel())

@@ -262,14 +262,24 @@ def reverse_diffusion_step(rsde, x, t, dt=None, generator=None):
     return x_mean + phase_apply(G, randn_like(x, generator)), x_mean
 
 
-def langevin_corrector_step(score_fn, x, t, snr, alpha=1.0, generator=None):
+def langevin_corrector_step(score_fn, x, t, snr, alpha=1.0, generator=None, diffusion=None):
     """One Langevin corrector step with the step size set by a target signal-to-noise ratio.
 
     eps = 2 alpha (snr |z| / |s|)^2, x_mean = x + eps s, x = x_mean + sqrt(2 eps) z (Song et al.
     2021, Algorithms 4-5). As in the reference code, |z| and |s| are per-sample norms averaged
     over the batch, so the whole batch shares one step size; alpha: float or [B]. Returns
     (x, x_mean).
+
+    `diffusion`: a block G [B, K, K] of a phase-space SDE makes it Langevin preconditioned by
+    G G^T, x_mean = x + eps G (G^T s), noise sqrt(2 eps) G z, with the step from |G^T s|: it
+    moves only the components noise enters (CLD: the momentum, whose score a momentum head
+    models; the x-score it leaves out is never used) and leaves p_t invariant, as any constant
+    positive semidefinite preconditioner does.
     """
+    if diffusion is not None:
+        G = diffusion.to(x.dtype)
+        x_mean, x_new = _preconditioned_langevin(score_fn(x, t), x, G, snr, alpha, generator)
+        return x_new, x_mean
     score = score_fn(x, t)
     z = randn_like(x, generator)
     score_norm = score.reshape(score.shape[0], -1).norm(dim=-1).mean()
@@ -280,6 +290,18 @@ def langevin_corrector_step(score_fn, x, t, snr, alpha=1.0, generator=None):
     step = append_dims(torch.as_tensor(step, device=x.device, dtype=x.dtype), x.ndim)
     x_mean = x + step * score
     return x_mean + torch.sqrt(2 * step) * z, x_mean
+
+
+def _preconditioned_langevin(score, x, G, snr, alpha, generator):
+    """(x_mean, x) of the G G^T-preconditioned Langevin step (`langevin_corrector_step`)."""
+    whitened = phase_apply(G.mT, score)  # G^T s: the score in the noise's coordinates
+    z = randn_like(x, generator)
+    score_norm = whitened.reshape(x.shape[0], -1).norm(dim=-1).mean()
+    noise_norm = z.reshape(x.shape[0], -1).norm(dim=-1).mean()
+    step = torch.where(score_norm > 0, 2 * alpha * (snr * noise_norm / score_norm) ** 2, 0.0)
+    step = append_dims(torch.as_tensor(step, device=x.device, dtype=x.dtype), x.ndim)
+    x_mean = x + step * phase_apply(G, whitened)
+    return x_mean, x_mean + torch.sqrt(2 * step) * phase_apply(G, z)
 
 
 def corrector_alpha(sde: SDE, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
@@ -356,8 +378,9 @@ def predictor_corrector(
         t, t_next = per_sample_time(grid[i], x), per_sample_time(grid[i + 1], x)
         if n_corrector:
             alpha = corrector_alpha(sde, t, t_next)
+            G = None if sde.K == 1 else sde.sde_coefficients(t)[1]
             for _ in range(n_corrector):
-                x, _ = langevin_corrector_step(score_fn, x, t, snr, alpha, generator)
+                x, _ = langevin_corrector_step(score_fn, x, t, snr, alpha, generator, G)
         x, x_mean = predictor_step(rsde, x, t, grid[i + 1] - grid[i], generator)
         if callback is not None:
             callback({"i": i, "t": grid[i + 1], "x": x, "x_mean": x_mean})

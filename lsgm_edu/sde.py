@@ -80,6 +80,7 @@ class SDE(abc.ABC):
     numerical_eps: float = 0.0  # added to the diagonal of every kernel covariance
     factorization: str = "lower"  # the kernel's scale: lower Cholesky L, or upper U (U U^T = cov)
     supports_splitting: bool = False  # SSCS: hamiltonian_reversed() and dissipation_drift()
+    variance_preserving: bool = False  # alpha^2 + sigma^2 = 1: LSGM's importance samplers of t
 
     def __init__(self, N: int = 1000):
         self.N = check_int(type(self).__name__, "N", N, 1)  # discretization steps
@@ -140,6 +141,20 @@ class SDE(abc.ABC):
                 f"t (t = 0, where z_0 given x0 is degenerate?); evaluate at t >= eps > 0"
             )
         return A, (L.flip(-2, -1) if flip else L)
+
+    def normal_covariance(self, t: torch.Tensor) -> torch.Tensor:
+        """C_t [B, K, K] (float64): the covariance of z_t per coordinate when x0 ~ N(0, I), i.e.
+        A (e e^T + C) A^T + L L^T with e the data axis and C the lift covariance."""
+        A, L = self._kernel_moments(t)
+        data_axis = A[..., :, :1]
+        return data_axis @ data_axis.mT + L @ L.mT
+
+    def normal_score(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """-C_t^{-1} z: the score at time t of the process whose data are N(0, I); the score a
+        N(0, I) prior of a latent space has (LSGM's Normal part of the mixed score; -z for VP)."""
+        t = _check_x_t(z, t, f"{type(self).__name__}.normal_score")
+        C = self.normal_covariance(t.double())
+        return -phase_apply(torch.linalg.inv(C) if C.ndim == 3 else 1 / C, z)
 
     @property
     def momentum_head_allowed(self) -> bool:
@@ -300,6 +315,11 @@ class ScalarSDE(SDE):
         """sigma(t) [B], the std of p_t(x | x0)."""
         return self.marginal_coefficients(t)[1]
 
+    def normal_covariance(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha^2 + sigma^2 [B]: the variance of x_t when x0 ~ N(0, I) (1 for VP)."""
+        alpha, sigma = self.marginal_coefficients(t)
+        return alpha.pow(2) + sigma.pow(2)
+
     def kernel(self, x0: torch.Tensor, t: torch.Tensor, m0=None) -> GaussianKernel:
         """p_t(x | x0) = N(alpha x0, sigma^2 I) as a `GaussianKernel` with scale sigma [B]."""
         if m0 is not None:
@@ -375,6 +395,8 @@ class VPSDE(_LinearBetaSDE):
     N(0, I). `discretize` is DDPM's chain with discrete_betas = linspace(beta_min / N,
     beta_max / N, N) (Ho et al. 2020; Song et al. 2021, eq. 10).
     """
+
+    variance_preserving = True
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
         super().__init__(beta_min, beta_max, N)
@@ -510,6 +532,8 @@ class GeometricVPSDE(ScalarSDE):
     `lift_covariance` is sigma2_0 and `transition(s, t)` is the SDE's own (A = m_t / m_s,
     Sigma = 1 - A^2). Prior N(0, I); `discretize` is Euler-Maruyama.
     """
+
+    variance_preserving = True
 
     def __init__(self, sigma2_min: float = 3e-5, sigma2_max: float = 0.999,
                  sigma2_0: float = 3e-5, N: int = 1000):

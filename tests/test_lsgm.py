@@ -291,7 +291,7 @@ def test_mixed_score_mixes_per_channel_and_feeds_1000t():
     model.eps(z, t)
     assert torch.equal(net.seen[0][:, 1], torch.zeros_like(z[:, 1]))
     assert model.mixing_logit[0, 1].item() == MixedScore.INACTIVE_LOGIT
-    with pytest.raises(ValueError, match="one flag per channel"):
+    with pytest.raises(ValueError, match="one flag per latent channel"):
         model.set_active(torch.tensor([True]))
     with pytest.raises(ValueError, match="channels must be an int"):
         MixedScore(net, sde, channels=0)

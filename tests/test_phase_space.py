@@ -10,6 +10,7 @@
 - the score heads (whole state, momentum only, CLD's mixed score) and their ε-losses.
 """
 
+import functools
 import itertools
 import math
 
@@ -21,7 +22,13 @@ from lsgm_edu.losses import LikelihoodWeighting, SigmaSquaredWeighting, denoisin
 from lsgm_edu.metrics import sliced_wasserstein_ratio
 from lsgm_edu.nets.precond import ScoreModel
 from lsgm_edu.phase_space import CLD, PSLD, recipe
-from lsgm_edu.samplers import euler_maruyama, probability_flow, reverse_time_grid, sscs
+from lsgm_edu.samplers import (
+    euler_maruyama,
+    predictor_corrector,
+    probability_flow,
+    reverse_time_grid,
+    sscs,
+)
 from lsgm_edu.sde import VPSDE
 from lsgm_edu.toy import GaussianMixture
 
@@ -306,6 +313,30 @@ def sample_ratio(sde, sampler, steps, striding="uniform", n=4000, seed=1):
 def test_samplers_reach_the_iid_baseline(sde, sampler):
     ratio = sample_ratio(sde, sampler, 100, "quadratic")
     assert ratio < 1.3, f"{sampler.__name__}: SWD / iid baseline = {ratio:.2f}"
+
+
+@pytest.mark.parametrize("sde", [CLD(), PSLD()], ids=repr)
+def test_predictor_corrector_reaches_the_iid_baseline(sde):
+    """Euler-Maruyama + one Langevin corrector preconditioned by G G^T (SWD ratio 1.08 CLD,
+    1.19 PSLD at 100 quadratic steps; 1.35 / 1.38 at 20, where EM alone gives 1.51 / 1.60)."""
+    pc = functools.partial(predictor_corrector, snr=0.16, n_corrector=1,
+                           predictor="euler_maruyama")
+    assert sample_ratio(sde, pc, 100, "quadratic") < 1.3
+
+
+def test_predictor_corrector_of_cld_never_reads_the_x_score():
+    """No noise enters x under CLD, so the reverse drift and the G G^T-preconditioned corrector
+    use the momentum score alone: a momentum head's missing x-score cannot leak in."""
+    sde, score = CLD(), mixture().score_fn(CLD())
+
+    def garbage_x(z, t):
+        s = score(z, t)
+        return torch.cat([torch.full_like(s[:, :2], 1e6), s[:, 2:]], dim=1)
+
+    runs = [predictor_corrector(sde, fn, (64, 4), 20, 0.16, 2, predictor="euler_maruyama",
+                                generator=torch.Generator().manual_seed(4), dtype=F64)
+            for fn in (score, garbage_x)]
+    assert torch.equal(runs[0], runs[1])
 
 
 @pytest.mark.parametrize("striding", ["uniform", "quadratic"])

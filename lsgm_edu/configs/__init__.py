@@ -341,14 +341,18 @@ def validate(cfg: Config) -> Config:
         )
     c, h, w = data_module.DATASETS[cfg.data.dataset].image_shape
     sde = SDES.build(cfg.sde)
-    if (cfg.model.num_channels, cfg.model.image_size) != (sde.K * c, h) or h != w:
-        state = "" if sde.K == 1 else f" (the state of {sde.K} phase components)"
+    is_lsgm = MODELS.name_of(cfg.model) == "lsgm"  # its SDE diffuses the latent, not the image
+    K = 1 if is_lsgm else sde.K
+    if (cfg.model.num_channels, cfg.model.image_size) != (K * c, h) or h != w:
+        state = "" if K == 1 else f" (the state of {K} phase components)"
         raise ConfigError(
             f"model.image_size/model.num_channels = {cfg.model.image_size}/"
             f"{cfg.model.num_channels} do not fit data.dataset {cfg.data.dataset!r} with images "
-            f"{c}x{h}x{w}; set model.image_size={h} model.num_channels={sde.K * c}{state}"
+            f"{c}x{h}x{w}; set model.image_size={h} model.num_channels={K * c}{state}"
         )
-    _validate_phase_space(cfg, sde, c)
+    if not is_lsgm:
+        _validate_phase_space(cfg, sde, c)
+    _validate_sampler(cfg, sde)
     t = cfg.train
     positive = {
         "train.n_iters": t.n_iters, "train.batch_size": t.batch_size, "train.lr": t.lr,
@@ -368,8 +372,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.warmup, train.grad_clip and train.sample_grid must be >= 0")
     if not 0.0 < t.eps < 1.0 or not 0.0 < cfg.sampling.eps < 1.0:
         raise ConfigError("train.eps and sampling.eps must be in (0, 1)")
-    if MODELS.name_of(cfg.model) == "lsgm":
-        _validate_lsgm(cfg)
+    if is_lsgm:
+        _validate_lsgm(cfg, sde)
     if cfg.model.num_classes and cfg.data.dataset in ("celebahq256",):
         raise ConfigError(f"model.num_classes={cfg.model.num_classes}: {cfg.data.dataset} has no labels")
     return cfg
@@ -390,6 +394,10 @@ def _validate_phase_space(cfg: Config, sde, data_channels: int) -> None:
                           "Gamma = 0) and a momentum head (model.out_channels = data channels)")
     if sde.K > 1 and not cfg.data.centered:
         raise ConfigError("data.centered must be true for a phase-space SDE (data in [-1, 1])")
+
+
+def _validate_sampler(cfg: Config, sde) -> None:
+    """The sampling method and striding fit the SDE."""
     if cfg.sampling.method == "sscs" and not sde.supports_splitting:
         raise ConfigError(f"sampling.method=sscs needs an SDE of the complete recipe (cld, psld), "
                           f"got {SDES.name_of(cfg.sde)}")
@@ -398,20 +406,28 @@ def _validate_phase_space(cfg: Config, sde, data_channels: int) -> None:
                           f"{cfg.sampling.method} uses its own grid")
 
 
-def _validate_lsgm(cfg: Config) -> None:
-    """An LSGM config: bounded data, a VP-type SDE with var(time_eps) > 0, sane stage settings."""
+def _validate_lsgm(cfg: Config, sde) -> None:
+    """An LSGM config: bounded data, a score prior on the state of the VAE's top latent, an SDE
+    with a non-singular kernel at time_eps, sane stage settings."""
     lc = cfg.lsgm
     if cfg.data.centered or cfg.data.dequantize:
         raise ConfigError("data.centered and data.dequantize must be false for an LSGM: the VAE "
                           "reads images in [0, 1] and models the discrete pixels itself")
     sde_name = SDES.name_of(cfg.sde)
-    if sde_name not in ("vp", "geometric_vp"):
-        raise ConfigError(f"sde.name: LSGM's mixed score needs a VP-type SDE (vp or geometric_vp),"
-                          f" got {sde_name!r}")
-    import torch
-
-    if not 0.0 <= lc.time_eps < 1.0 or not float(SDES.build(cfg.sde).marginal_scale(
-            torch.tensor([lc.time_eps], dtype=torch.float64))) > 0:
+    latent = cfg.model.vae.top_latent_shape[0]
+    if cfg.model.sgm.num_channels != sde.K * latent:
+        raise ConfigError(f"model.sgm.num_channels={cfg.model.sgm.num_channels}: the {sde_name} "
+                          f"prior diffuses the state of {sde.K} phase component(s) of the "
+                          f"{latent}-channel top latent; set {sde.K * latent}")
+    if not sde.variance_preserving and not (lc.iw_sample_p.endswith("uniform")
+                                            and lc.iw_sample_q in ("reweight_p_samples",
+                                                                   "ll_uniform")):
+        raise ConfigError(f"lsgm.iw_sample_p={lc.iw_sample_p} / iw_sample_q={lc.iw_sample_q}: "
+                          f"the importance samplers of t are derived for a VP-type SDE (vp, "
+                          f"geometric_vp); a {sde_name} prior takes uniform t (iw_sample_p "
+                          f"drop_all_uniform or ll_uniform, iw_sample_q reweight_p_samples or "
+                          f"ll_uniform)")
+    if not 0.0 <= lc.time_eps < 1.0 or not _kernel_scale_positive(sde, lc.time_eps):
         raise ConfigError(f"lsgm.time_eps={lc.time_eps}: need 0 <= time_eps < 1 with a non-zero "
                           f"kernel variance there (0.01 for vp; 0 works for geometric_vp)")
     for key in ("vae_pretrain_iters", "vae_pretrain_batch_size", "lr_vae_pretrain", "lr_vae",
@@ -438,6 +454,17 @@ def _validate_lsgm(cfg: Config) -> None:
     if not lc.inactive_threshold >= 0 or not lc.inactive_batches >= 1:
         raise ConfigError(f"lsgm.inactive_threshold must be >= 0 and lsgm.inactive_batches >= 1, "
                           f"got {lc.inactive_threshold} and {lc.inactive_batches}")
+
+
+def _kernel_scale_positive(sde, t: float) -> bool:
+    """Whether the kernel of `sde` at time t has a non-singular covariance."""
+    import torch
+
+    try:
+        L = sde.marginal_scale(torch.tensor([t], dtype=torch.float64))
+    except ValueError:  # a singular covariance has no Cholesky factor
+        return False
+    return bool((torch.diagonal(L.reshape(1, sde.K, sde.K), dim1=-2, dim2=-1).abs() > 0).all())
 
 
 _LEGACY_SDES = {"vpsde": "vp", "subvpsde": "subvp", "vesde": "ve"}

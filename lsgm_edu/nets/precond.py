@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lsgm_edu.kernel import eps_to_score
-from lsgm_edu.utils import append_dims
+from lsgm_edu.utils import append_dims, phase_apply
 
 _TIME_INPUTS = ("noise_label", "t")
 
@@ -119,12 +119,15 @@ class MixedScore(nn.Module):
     """LSGM's mixed score: a Normal prior's noise plus a learned correction, per channel.
 
     ε̂(z, t) = (1 - α) ⊙ ε_N(z, t) + α ⊙ net(z, c(t)), α = sigmoid(`mixing_logit`), one logit per
-    latent channel (Vahdat, Kreis & Kautz 2021, eq. 10). ε_N = σ_t z is the noise a standard
-    Normal prior predicts under a VP-type SDE (its score is -z), so with α = 0 the model *is*
-    the N(0, I) prior and the network only learns the departure from it. Calling the module
-    gives the score -ε̂ / σ_t (`eps_to_score`); `.eps(z, t)` gives ε̂. The network's time input
-    is c(t) = embedding_scale · t (LSGM: 1000 t). Channels switched off by `set_active` (LSGM's
-    inactive latent variables, KL <= 0.1 nat) get logit -15 and are zeroed at the network input.
+    channel of the state (Vahdat, Kreis & Kautz 2021, eq. 10). ε_N is the noise a standard
+    Normal prior predicts: its score is `sde.normal_score` = -C_t^{-1} z, so ε_N = L_t^T C_t^{-1} z
+    (σ_t z under a VP SDE, where C_t = 1; any SDE of the engine, phase space included, where z
+    is the state of the latent). With α = 0 the model *is* the N(0, I) prior and the network
+    only learns the departure from it. Calling the module gives the score
+    (1 - α) s_N - α L_t^{-T} net (`eps_to_score`); `.eps(z, t)` gives ε̂. The network's time
+    input is c(t) = embedding_scale · t (LSGM: 1000 t). Latent channels switched off by
+    `set_active` (LSGM's inactive latent variables, KL <= 0.1 nat) get logit -15 and are zeroed
+    at the network input, in every phase component.
     """
 
     INACTIVE_LOGIT = -15.0
@@ -146,42 +149,55 @@ class MixedScore(nn.Module):
         return torch.sigmoid(self.mixing_logit)
 
     def normal_eps(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ε_N = σ_t z, the noise a N(0, I) prior predicts under a VP-type SDE."""
-        return self._sigma(z, t) * z
+        """ε_N = -L_t^T s_N(z, t): the noise a N(0, I) prior predicts (σ_t z under VP)."""
+        return -phase_apply(_transpose(self._scale(z, t)), self._sde().normal_score(z, t))
 
     def eps(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """ε̂ = (1 - α) ε_N + α net(z ⊙ active, c(t))."""
-        alpha, sigma, net_eps = self._parts(z, t)
-        return (1 - alpha) * sigma * z + alpha * net_eps
+        alpha, net_eps = self.alpha.to(z.dtype), self._net_eps(z, t)
+        return (1 - alpha) * self.normal_eps(z, t) + alpha * net_eps
 
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The score -ε̂ / σ_t = -(1 - α) z - α net / σ_t (exactly -z where α = 0)."""
-        alpha, sigma, net_eps = self._parts(z, t)
-        return -(1 - alpha) * z - alpha * net_eps / sigma
+        """The score (1 - α) s_N - α L_t^{-T} net: -(1 - α) z - α net / σ_t under VP (exactly
+        the Normal prior's score where α = 0)."""
+        alpha, net_eps = self.alpha.to(z.dtype), self._net_eps(z, t)
+        return ((1 - alpha) * self._sde().normal_score(z, t)
+                + alpha * eps_to_score(net_eps, self._scale(z, t)))
 
-    def _parts(self, z: torch.Tensor, t: torch.Tensor):
-        net_eps = self.net(z * self.is_active.to(z.dtype), self.embedding_scale * t.to(z.dtype))
-        return self.alpha.to(z.dtype), self._sigma(z, t), net_eps
+    def _net_eps(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(z * self.is_active.to(z.dtype), self.embedding_scale * t.to(z.dtype))
 
-    def _sigma(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _sde(self):
         if self.sde is None:
             raise RuntimeError("MixedScore has no SDE: build it with sde=..., or set .sde before "
                                "calling it (build_model(cfg.model, sde=build_sde(cfg.sde)))")
+        return self.sde
+
+    def _scale(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The kernel scale L_t: σ_t [B] or the factor [B, K, K], in z's dtype."""
         t_scale = t.to(device=z.device, dtype=torch.promote_types(t.dtype, z.dtype))
-        sigma = self.sde.marginal_scale(t_scale).to(z.dtype)
-        return sigma.reshape(-1, *([1] * (z.ndim - 1)))
+        return self._sde().marginal_scale(t_scale).to(z.dtype)
 
     @torch.no_grad()
     def set_active(self, active: torch.Tensor) -> None:
-        """Switch channels off (`active` False): logit -15 (α ≈ 3e-7) and zero network input."""
+        """Switch latent channels off (`active` False, one flag per latent channel, repeated over
+        the K phase components of the state): logit -15 (α ≈ 3e-7) and zero network input."""
+        channels = self.mixing_logit.shape[1]
+        K = 1 if self.sde is None else self.sde.K
         active = torch.as_tensor(active, dtype=torch.bool, device=self.mixing_logit.device)
-        if active.shape != (self.mixing_logit.shape[1],):
-            raise ValueError(f"MixedScore.set_active: need one flag per channel "
-                             f"({self.mixing_logit.shape[1]}), got shape {tuple(active.shape)}")
+        if active.shape != (channels // K,):
+            raise ValueError(f"MixedScore.set_active: need one flag per latent channel "
+                             f"({channels // K}), got shape {tuple(active.shape)}")
+        active = active.repeat(K)
         mask = active.to(self.is_active.dtype).reshape(self.is_active.shape)
         self.is_active.copy_(mask)
         self.mixing_logit.masked_fill_(~active.reshape(self.mixing_logit.shape),
                                        self.INACTIVE_LOGIT)
+
+
+def _transpose(scale: torch.Tensor) -> torch.Tensor:
+    """L^T of a kernel scale: σ itself [B], or the transposed blocks [B, K, K]."""
+    return scale if scale.ndim == 1 else scale.mT
 
 
 def _check_mixed_args(channels, logit_init, embedding_scale) -> None:
