@@ -86,7 +86,8 @@ def _lsgm_sample_grid(args) -> int:
     from lsgm_edu.train import load_lsgm, save_image_grid, seeded_generator
 
     models, sde, cfg = load_lsgm(args.checkpoint, device=args.device)
-    method = args.method or cfg.sampling.method
+    _override_sampling(cfg, args)
+    method = cfg.sampling.method
     g = seeded_generator(args.seed, SAMPLE_SEED_STREAM, device=args.device)
     if sde is None:  # a stage-"vae" checkpoint: the VAE's own N(0, I) prior
         images, nfe = models["vae"].sample(args.n, g, use_mean=True), 0
@@ -220,10 +221,20 @@ def sample_batches(model, cfg, n, batch_size, seed, device, y=None, progress=Tru
 
 
 def _override_sampling(cfg, args) -> None:
-    """--steps, --method and --striding, where given, over the config's sampling section."""
-    for key in ("steps", "method", "striding"):
-        if getattr(args, key, None):
-            setattr(cfg.sampling, key, getattr(args, key))
+    """--steps, --method and --striding, where given, over the config's sampling section; a
+    combination the model cannot run (sscs on a VP model) is a ConfigError naming the flag."""
+    from lsgm_edu.configs import ConfigError, validate
+
+    given = {key: getattr(args, key) for key in ("steps", "method", "striding")
+             if getattr(args, key, None)}
+    for key, value in given.items():
+        setattr(cfg.sampling, key, value)
+    if given:
+        try:
+            validate(cfg)
+        except ConfigError as e:
+            flags = " ".join(f"--{k} {v}" for k, v in given.items())
+            raise ConfigError(f"{flags} does not fit this checkpoint: {e}") from None
 
 
 def _add_sampler_options(p) -> None:
@@ -421,7 +432,8 @@ def _lsgm_classifier_fid(args, models, sde, cfg) -> int:
     from lsgm_edu.train import seeded_generator
 
     classifier = metrics.load_classifier(args.classifier, device="cpu")
-    method = args.method or cfg.sampling.method
+    _override_sampling(cfg, args)
+    method = cfg.sampling.method
     n, c = args.num_samples or cfg.eval.num_samples, cfg.model.vae.crop_output
     images, nfe = [], []
     for start in range(0, n, args.batch_size):

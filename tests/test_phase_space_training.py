@@ -12,6 +12,7 @@ import torch
 from test_train import ENV, _cli, _kill_and_resume, ddp_two_processes_equal_one_process
 
 from lsgm_edu.configs import ConfigError, load_config
+from lsgm_edu.data import shipped_file
 from lsgm_edu.objectives import DSM, Batch, BatchGenerator
 from lsgm_edu.train import init_model, score_model_of
 
@@ -91,6 +92,18 @@ def test_cli_samples_a_cld_run_with_sscs(tmp_path):
                          check=False, env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("name", ["mnist28_ddpmpp_vp", "lsgm_mnist_book"])
+def test_cli_refuses_sscs_for_a_vp_model_in_one_line(name, capsys):
+    from lsgm_edu.__main__ import main
+
+    ckpt_json = str(shipped_file(f"checkpoints/{name}.json"))
+    assert main(["sample", "--checkpoint", ckpt_json, "--method", "sscs", "--n", "2",
+                 "--out", "unused.png"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--method sscs does not fit this checkpoint" in err
+    assert "complete recipe" in err
 
 
 @pytest.mark.parametrize("name", ["mnist28_cld", "mnist28_psld"])
