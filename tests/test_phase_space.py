@@ -203,7 +203,10 @@ def test_invalid_parameters_are_refused():
 
 
 def test_hsm_keeps_the_momentum_scale_bounded_and_dsm_does_not():
-    """ℓ_t = 1 / L_mm: 11.2 (HSM) vs 111.8 (DSM) at t = 1e-5 for CLD (REFERENCE §B1)."""
+    """ℓ_t = 1 / L_mm: 11.2 (HSM) vs 111.8 (DSM) at t = 1e-5 for CLD (REFERENCE §B1), with the
+    references' numerical_eps = 1e-9 on the covariance diagonal. That floor is what bounds HSM:
+    in exact arithmetic x_t reveals m0 through x_t - x0 ≈ β M^-1 t m0 and both scales grow like
+    t^-1/2 below t ~ 4e-3, HSM's by a factor sqrt(3) / 2 (193.7 vs 223.6 at 1e-5)."""
     sde, t = CLD(), times(1e-5)
     x0, m0 = torch.zeros(1, 3, dtype=F64), torch.zeros(1, 3, dtype=F64)
     ell_hsm = 1 / sde.kernel(x0, t).scale[0, 1, 1].item()
@@ -213,6 +216,10 @@ def test_hsm_keeps_the_momentum_scale_bounded_and_dsm_does_not():
     ells = [1 / sde.kernel(x0, times(t), m0).scale[0, 1, 1].item() for t in (1e-2, 1e-3, 1e-4)]
     assert ells[0] < ells[1] < ells[2] < ell_dsm  # DSM: ℓ_t grows as t -> 0
     assert 1 / sde.marginal_scale(times(1e-8))[0, 1, 1] < 1 / math.sqrt(0.04 / 4) + 1e-3
+    exact = CLD(numerical_eps=0.0)
+    hsm, dsm = (1 / exact.kernel(x0, times(1e-5), m).scale[0, 1, 1].item() for m in (None, m0))
+    assert hsm == pytest.approx(193.7, abs=0.1) and dsm == pytest.approx(223.6, abs=0.1)
+    assert hsm / dsm == pytest.approx(math.sqrt(3) / 2, rel=1e-3)
 
 
 @pytest.mark.parametrize("sde_class", [CLD, PSLD])

@@ -46,6 +46,31 @@ def _objective(extra):
     return cfg, sde, DSM.from_config(cfg, sde), init_model(cfg)
 
 
+@pytest.mark.parametrize("run", [CLD_RUN, [*PSLD_RUN, "train.likelihood_weighting=true"]],
+                         ids=["cld", "psld-likelihood"])
+def test_bf16_autocast_losses_stay_finite_and_close_down_to_t_1e5(run):
+    """The references' fp16 runs hit inf (CLD-SGM issue #3): 1 / L_t reaches ~1e2 per entry
+    and the likelihood weights far more as t -> 0. Here the kernel and the score scale are float64
+    and cast once; under bf16 autocast (on the CPU, as on CUDA) the per-sample losses at t from
+    1e-5 to 1 stay finite and within bf16's rounding of the fp32 ones, where fp16 autocast gives
+    nan (CLD) or inf (PSLD, likelihood weighting) at t = 1e-5 and 1e-4."""
+    cfg, sde, objective, net = _objective(run)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1
+    t = torch.tensor([1e-5, 1e-4, 1e-3, 0.01, 0.3, 1.0])
+    z = torch.randn(6, 2, 8, 8, generator=g)
+    m0 = None if cfg.train.hsm else sde.lift(x, noise=torch.randn(6, 2, 8, 8, generator=g))[:, 1:]
+    model = score_model_of(net, sde, cfg)
+    fp32 = objective.loss(model, x, t, z, m0=m0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = objective.loss(model, x, t, z, m0=m0)
+    assert torch.isfinite(bf16).all() and bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, rtol=0.1, atol=1e-4)  # t = 1: CLD losses ~1e-6
+    with torch.autocast("cpu", dtype=torch.float16):  # the references' precision: nan / inf
+        fp16 = objective.loss(model, x, t, z, m0=m0)
+    assert not torch.isfinite(fp16[:2]).any() and torch.isfinite(fp16[3:]).all()
+
+
 def test_cld_objective_is_the_momentum_eps_loss_and_psld_draws_m0():
     cfg, sde, objective, net = _objective(CLD_RUN)
     assert objective.weighting.components == (1,) and objective.mixed_score
