@@ -64,6 +64,7 @@ def same_vae(a, b) -> bool:
 
 def plot(report: dict, path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     from lsgm_edu.viz import save_figure
 
@@ -85,8 +86,13 @@ def plot(report: dict, path: Path) -> None:
                      f"({floor['classifier_fid']:.1f})")
     ax.axhline(report["vae_prior_fid"], color="k", ls="-.", lw=1,
                label=f"the VAE alone, N(0, I) prior ({report['vae_prior_fid']:.1f})")
-    ax.set(xscale="log", xlabel="NFE (score evaluations)", title="latent sampling: quality vs cost",
+    ax.set(xscale="log", yscale="log", xlabel="NFE (score evaluations)",
+           title="latent sampling: quality vs cost (bars: s.d. over sample sets)",
            ylabel=f"classifier-FID ({report['settings']['num_samples']} samples)")
+    for axis, ticks in ((ax.xaxis, [10, 20, 50, 100, 200]), (ax.yaxis, [10, 20, 50, 100, 200, 500])):
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     nll = report["nll"]
@@ -95,8 +101,8 @@ def plot(report: dict, path: Path) -> None:
     bx.bar([label for _, label in names], values, color=["grey", "C0", "C3"],
            yerr=[2 * nll[k]["nll_se"] for k, _ in names], capsize=5)
     for i, (k, _) in enumerate(names):
-        bx.text(i, values[i] + 3, f"{values[i]:.1f}\nNFE {nll[k]['nfe_mean']:.0f}", ha="center",
-                fontsize=8)
+        bx.text(i, values[i] + 2 * nll[k]["nll_se"] + 2, f"{values[i]:.1f}\nNFE "
+                f"{nll[k]['nfe_mean']:.0f}", ha="center", fontsize=8)
     d = nll["psld_minus_vp"]
     bx.set(ylabel="NLL bound (nats per image; ±2 SE)", ylim=(0, max(values) * 1.25),
            title=f"PSLD - VP = {d['mean_nats']:.2f} ± {d['se_nats']:.2f} nats (paired)")

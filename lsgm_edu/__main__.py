@@ -278,7 +278,7 @@ def cmd_eval(args) -> int:
              f"discretization ({discretization}: "
              f"{'floor' if discretization == 'dequantize' else 'round'})")
     if args.metric == "classifier-fid":
-        classifier = metrics.load_classifier(args.classifier, device="cpu")
+        classifier = metrics.load_classifier(_classifier_path(args), device="cpu")
         ref = data_module.load_dataset(cfg.data.dataset, args.split, args.data_dir)
         ref_images = ref.data[: args.num_reference] if args.num_reference else ref.data
         samples = torch.cat(list(sample_batches(model, cfg, n, args.batch_size, args.seed,
@@ -289,7 +289,7 @@ def cmd_eval(args) -> int:
             classifier_fid_data_vs_data=metrics.classifier_fid(  # interleaved: splits are sorted
                 ref_images[0::2], ref_images[1::2], classifier),
             reference=f"{cfg.data.dataset} {args.split} split, {len(ref_images)} images",
-            classifier=str(args.classifier), nfe=sum(nfe) / len(nfe),
+            classifier=str(_classifier_path(args)), nfe=sum(nfe) / len(nfe),
             protocol=f"Frechet distance of the classifier's penultimate features (128-d); "
                      f"{seeds}")
         _write_json(result, args.json)
@@ -333,6 +333,13 @@ def _log_p_protocol(args, cfg, sde) -> str:
     sampler = "ll_iw" if sde is None or sde.variance_preserving else "uniform"
     return (f"-log p(z0) bounded by the denoising cross-entropy (LSGM eq. 8), mean of "
             f"{args.draws} draws of t ~ {sampler} on [{cfg.lsgm.time_eps}, 1] and noise")
+
+
+def _classifier_path(args):
+    """--classifier, or the shipped MNIST classifier wherever the command runs."""
+    from lsgm_edu.data import shipped_file
+
+    return args.classifier or shipped_file("checkpoints/mnist5k_classifier.json")
 
 
 def _positive_int(text: str) -> int:
@@ -431,7 +438,7 @@ def _lsgm_classifier_fid(args, models, sde, cfg) -> int:
     from lsgm_edu import lsgm, metrics
     from lsgm_edu.train import seeded_generator
 
-    classifier = metrics.load_classifier(args.classifier, device="cpu")
+    classifier = metrics.load_classifier(_classifier_path(args), device="cpu")
     _override_sampling(cfg, args)
     method = cfg.sampling.method
     n, c = args.num_samples or cfg.eval.num_samples, cfg.model.vae.crop_output
@@ -639,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampler steps (default: the config's)")
     p.add_argument("--inception-weights", help="local torch-fidelity Inception weights (.pth)")
     p.add_argument("--ref-stats", help="reference statistics .npz (computed and saved if missing)")
-    p.add_argument("--classifier", default="data/checkpoints/mnist5k_classifier.json")
+    p.add_argument("--classifier", help="classifier-fid's feature network (default: the shipped "
+                   "data/checkpoints/mnist5k_classifier.json, from any working directory)")
     p.add_argument("--split", default="test", help="data split for classifier-fid and bpd")
     p.add_argument("--num-reference", type=int, help="reference images for classifier-fid")
     p.add_argument("--kid-features", type=int, default=10_000,

@@ -292,3 +292,55 @@ def test_ve_prior_lsgm_with_uniform_t_is_accepted_and_ll_iw_refused():
         config_from_dict(tree, name="t")
     tree["lsgm"].update(iw_sample_p="ll_uniform")
     config_from_dict(tree, name="t")
+
+
+# --- the shipped latent PSLD (data/checkpoints/lsgm_mnist_book_psld) --------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped_pair():
+    from lsgm_edu.data import shipped_file
+    from lsgm_edu.train import load_lsgm
+
+    return {name: load_lsgm(shipped_file(f"checkpoints/{name}.json"))
+            for name in ("lsgm_mnist_book", "lsgm_mnist_book_psld")}
+
+
+@pytest.mark.slow
+def test_shipped_latent_psld_shares_the_vp_lsgms_vae_and_beats_it_alone(shipped_pair):
+    """The comparison of benchmarks/latent_psld.py rests on one frozen VAE for both priors; on
+    100 test digits (same binarizations and posterior draws) the PSLD prior's bound is far
+    below that VAE's own NELBO with N(0, I)."""
+    from lsgm_edu import data
+
+    (vp, _, _), (psld, sde, cfg) = shipped_pair.values()
+    assert isinstance(sde, PSLD) and cfg.lsgm.train_vae is False
+    a, b = vp["vae"].state_dict(), psld["vae"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ds = data.load_dataset("binarized_mnist5k", "test")
+    index = torch.arange(100) * len(ds) // 100
+    u = torch.rand(100, *ds.data.shape[1:], generator=gen(6))
+    x = data.binarize(ds.data[index], ds.num_levels, noise=u)
+    vae = lsgm.nll_bound(torch.nn.ModuleDict({"vae": psld["vae"]}), None, x, generator=gen(1))
+    ours = lsgm.nll_bound(psld, sde, x, ode_eps=cfg.sampling.eps, tol=1e-4, generator=gen(1))
+    assert torch.equal(vae.reconstruction, ours.reconstruction)
+    diff = (ours.nll - vae.nll).double()
+    se = diff.std().item() / math.sqrt(len(diff))
+    assert diff.mean().item() < -5 * se, (diff.mean().item(), se)
+
+
+@pytest.mark.slow
+def test_shipped_latent_psld_reproduces_its_recorded_classifier_fid(tmp_path):
+    """`eval --metric classifier-fid --tol 1e-3` of the sidecar, re-measured: same seeds, same
+    images, same number."""
+    import lsgm_edu.__main__ as cli
+    from lsgm_edu.data import shipped_file
+
+    path = shipped_file("checkpoints/lsgm_mnist_book_psld.json")
+    recorded = json.loads(path.read_text())["evaluation"]["classifier_fid"]
+    out = tmp_path / "fid.json"
+    assert cli.main(["eval", "--metric", "classifier-fid", "--checkpoint", str(path),
+                     "--num-samples", "500", "--tol", "1e-3", "--json", str(out)]) == 0
+    measured = json.loads(out.read_text())
+    assert measured["nfe"] == recorded["nfe"]
+    assert measured["classifier_fid"] == pytest.approx(recorded["classifier_fid"], abs=0.5)
