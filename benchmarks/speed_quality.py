@@ -72,6 +72,7 @@ def sample(model, cfg, method, budget, striding, n, batch_size, seed):
 
 def plot(report: dict, path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     from lsgm_edu.viz import save_figure
 
@@ -87,7 +88,11 @@ def plot(report: dict, path: Path) -> None:
         ax.axhline(report["floor"]["classifier_fid"], color="grey", lw=0.8,
                    label="floor: sets of training digits")
         ax.set(xscale="log", yscale="log", xlabel="NFE", title=name)
-        ax.set_xticks(STEPS, labels=[str(s) for s in STEPS], minor=False)
+        ax.xaxis.set_major_locator(FixedLocator(STEPS))
+        ax.yaxis.set_major_locator(FixedLocator([10, 20, 50, 100, 200, 500, 1000, 2000]))
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(NullFormatter())
     axes[0].set(ylabel=f"classifier-FID ({report['num_samples']} samples)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
