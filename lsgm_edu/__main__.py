@@ -335,6 +335,17 @@ def _log_p_protocol(args, cfg, sde) -> str:
             f"{args.draws} draws of t ~ {sampler} on [{cfg.lsgm.time_eps}, 1] and noise")
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a tolerance; argparse prints the error in one line)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
 def _classifier_path(args):
     """--classifier, or the shipped MNIST classifier wherever the command runs."""
     from lsgm_edu.data import shipped_file
@@ -603,8 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample images from a checkpoint into a PNG grid")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--steps", type=int)
+    p.add_argument("--n", type=_positive_int, default=64)
+    p.add_argument("--steps", type=_positive_int)
     _add_sampler_options(p)
     p.add_argument("--class-label", type=int)
     p.add_argument("--seed", type=int, default=0)
@@ -615,9 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("likelihood", help="bits/dim of test data through the PF-ODE")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=10_000)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--tol", type=float, default=1e-5)
+    p.add_argument("--n", type=_positive_int, default=10_000)
+    p.add_argument("--batch-size", type=_positive_int, default=100)
+    p.add_argument("--tol", type=_positive_float, default=1e-5)
     p.add_argument("--data-dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -630,26 +641,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fid (with IS), classifier-fid (digits), bpd (PF-ODE bits/dim) or nll "
                         "(an LSGM's bound in nats)")
     _add_sampler_options(p)
-    p.add_argument("--tol", type=float, default=1e-5,
+    p.add_argument("--tol", type=_positive_float, default=1e-5,
                    help="rtol = atol of the PF-ODE: the likelihood's for --metric nll, the "
                         "sampler's for an LSGM's classifier-fid with --method ode")
     p.add_argument("--estimator", choices=["ode", "cross_entropy"], default="ode",
                    help="LSGM --metric nll: log p(z0) by the PF-ODE, or bounded by the "
                         "cross-entropy of the training objective")
-    p.add_argument("--draws", type=int, default=16,
+    p.add_argument("--draws", type=_positive_int, default=16,
                    help="--estimator cross_entropy: draws of (t, noise) per image")
     p.add_argument("--iw-samples", type=_positive_int, default=1,
                    help="--metric nll: posterior samples per image of the importance-weighted "
                         "bound (1: LSGM's single-sample bound)")
-    p.add_argument("--num-samples", type=int, help="default: the config's eval.num_samples (50k)")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--steps", type=int, help="sampler steps (default: the config's)")
+    p.add_argument("--num-samples", type=_positive_int, help="default: the config's eval.num_samples (50k)")
+    p.add_argument("--batch-size", type=_positive_int, default=250)
+    p.add_argument("--steps", type=_positive_int, help="sampler steps (default: the config's)")
     p.add_argument("--inception-weights", help="local torch-fidelity Inception weights (.pth)")
     p.add_argument("--ref-stats", help="reference statistics .npz (computed and saved if missing)")
     p.add_argument("--classifier", help="classifier-fid's feature network (default: the shipped "
                    "data/checkpoints/mnist5k_classifier.json, from any working directory)")
     p.add_argument("--split", default="test", help="data split for classifier-fid and bpd")
-    p.add_argument("--num-reference", type=int, help="reference images for classifier-fid")
+    p.add_argument("--num-reference", type=_positive_int, help="reference images for classifier-fid")
     p.add_argument("--kid-features", type=int, default=10_000,
                    help="features kept for KID: of the first samples, and of a seeded random "
                         "subset of the reference when its statistics are computed")
@@ -664,8 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-classifier", help="train the classifier for small-data FID")
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--out", default="data/checkpoints/mnist5k_classifier")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=_positive_int, default=600)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--data-dir")

@@ -164,3 +164,23 @@ def test_train_step_benchmark_writes_json_with_the_machine(tmp_path):
     r = out["results"][0]
     assert out["machine"]["device"] == "cpu" and out["machine"]["cpu"]
     assert r["images_per_s"] > 0 and r["flops_per_step"] > 0 and 0 < r["mfu"] < 1.5
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["likelihood", "--checkpoint", "x.json", "--tol", "-1"], "--tol: must be a finite number > 0"),
+    (["likelihood", "--checkpoint", "x.json", "--tol", "0"], "--tol: must be a finite number > 0"),
+    (["eval", "--checkpoint", "x.json", "--tol", "nan"], "--tol: must be a finite number > 0"),
+    (["sample", "--checkpoint", "x.json", "--steps", "0"], "--steps: must be at least 1, got 0"),
+    (["sample", "--checkpoint", "x.json", "--n", "-3"], "--n: must be at least 1, got -3"),
+    (["eval", "--checkpoint", "x.json", "--num-samples", "0"], "--num-samples: must be at least 1"),
+    (["eval", "--checkpoint", "x.json", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["eval", "--checkpoint", "x.json", "--draws", "two"], "--draws: 'two' is not an integer"),
+    (["likelihood", "--checkpoint", "x.json", "--n", "0"], "--n: must be at least 1"),
+])
+def test_cli_refuses_non_positive_counts_and_tolerances_in_one_line(argv, message, capsys):
+    """`--steps 0` and `--num-samples 0` used to fall back to the config silently, and
+    `likelihood --tol -1` to exit 0 with nonsense: now argparse refuses them before any work."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
