@@ -330,7 +330,9 @@ def _log_p_protocol(args, cfg, sde) -> str:
                  "momentum marginal at eps given z0")
         return (f"log p(z0) by the PF-ODE of the score prior{phase} (dopri5, rtol=atol={args.tol}, "
                 f"eps={cfg.sampling.eps}, one Gaussian Hutchinson probe)")
-    sampler = "ll_iw" if sde is None or sde.variance_preserving else "uniform"
+    from lsgm_edu.lsgm import cross_entropy_sampler_name
+
+    sampler = "ll_iw" if sde is None else cross_entropy_sampler_name(sde)
     return (f"-log p(z0) bounded by the denoising cross-entropy (LSGM eq. 8), mean of "
             f"{args.draws} draws of t ~ {sampler} on [{cfg.lsgm.time_eps}, 1] and noise")
 
@@ -391,8 +393,7 @@ def _lsgm_eval(args) -> int:
     n = min(args.num_samples or cfg.eval.bpd_num_samples, len(ds))
     info, vc = data_module.DATASETS[cfg.data.dataset], cfg.model.vae
     dims = vc.num_channels * (vc.image_size - 2 * vc.crop_output) ** 2
-    t_sampler = (time_sampler("ll_iw" if sde.variance_preserving else "uniform", sde,
-                              cfg.lsgm.time_eps)
+    t_sampler = (time_sampler(lsgm.cross_entropy_sampler_name(sde), sde, cfg.lsgm.time_eps)
                  if sde is not None and args.estimator == "cross_entropy" else None)
     nll, nfe = [], []
     for start in range(0, n, args.batch_size):

@@ -16,11 +16,9 @@ __all__ = ["GaussianKernel", "eps_to_score"]
 
 def _inverse_transpose(L: torch.Tensor) -> torch.Tensor:
     """L^{-T} of triangular blocks [B, K, K] (lower Cholesky factors, or the upper factors of
-    PSLD's "upper" decomposition), by a triangular solve in float64."""
-    L64 = L.to(torch.float64)
-    eye = torch.eye(L.shape[-1], dtype=torch.float64, device=L.device).expand_as(L64)
-    upper = bool((L64.tril(-1) == 0).all()) and not bool((L64.triu(1) == 0).all())
-    return torch.linalg.solve_triangular(L64, eye, upper=upper).mT
+    PSLD's "upper" decomposition), in float64: a K x K inverse, whichever triangle, with no
+    host synchronization to find out which."""
+    return torch.linalg.inv(L.to(torch.float64)).mT
 
 
 def eps_to_score(eps: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

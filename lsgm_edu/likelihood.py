@@ -207,6 +207,7 @@ def data_log_likelihood(
     n_bins: int | None = None,
     data_range: tuple[float, float] = (-1.0, 1.0),
     momentum_at_eps: bool = False,
+    eps: float = 1e-5,
     **kwargs,
 ) -> LikelihoodResult:
     """A lower bound on log p(x) [B] of the data x of a phase-space model (log p(x) itself for
@@ -222,15 +223,15 @@ def data_log_likelihood(
     _check_x(fn, x)
     if sde.K == 1:
         return log_likelihood(sde, score_fn, x, generator=generator, n_bins=n_bins,
-                              data_range=data_range, **kwargs)
+                              data_range=data_range, eps=eps, **kwargs)
     if momentum_at_eps:
-        z0, C_mm = _momentum_from_kernel(sde, x, kwargs.get("eps", 1e-5), generator)
+        z0, C_mm = _momentum_from_kernel(sde, x, eps, generator)
     else:
         z0, C_mm = sde.lift(x, generator), sde.lift_covariance[1:, 1:]
     if torch.linalg.eigvalsh(C_mm).min() <= 0:
         raise ValueError(f"{fn}: the lift of {sde!r} draws no momentum (its covariance "
                          f"{C_mm.tolist()} is singular), so there is no bound to take")
-    res = log_likelihood(sde, score_fn, z0, generator=generator, **kwargs)
+    res = log_likelihood(sde, score_fn, z0, generator=generator, eps=eps, **kwargs)
     entropy = 0.5 * x[0].numel() * torch.logdet(2 * math.pi * math.e * C_mm).item()
     logp = res.logp + entropy
     bpd = None if n_bins is None else bits_per_dim(logp, x[0].numel(), n_bins, data_range)

@@ -33,7 +33,7 @@ from lsgm_edu.nets.precond import MixedScore
 from lsgm_edu.nets.unet import UNet, UNetConfig
 from lsgm_edu.registry import MODELS
 from lsgm_edu.sde import SDE
-from lsgm_edu.utils import EvalMode, phase_apply, phase_outer, randn, randn_like
+from lsgm_edu.utils import EvalMode, append_dims, phase_apply, phase_outer, randn, randn_like
 from lsgm_edu.vae import NVAE, VAEConfig, log_standard_normal
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "cross_entropy_at",
     "cross_entropy_constant",
     "cross_entropy_from_error",
+    "cross_entropy_sampler_name",
     "denoising_error",
     "eps_of",
     "likelihood_weight",
@@ -58,6 +59,7 @@ __all__ = [
     "normal_entropy",
     "p_weight",
     "sample_latent",
+    "takes_time_samplers",
     "top_kl_per_channel",
     "weighted_error",
 ]
@@ -162,7 +164,7 @@ def denoising_error(sde: SDE, eps_fn, z0: torch.Tensor, t: torch.Tensor,
 def cross_entropy_from_error(sde: SDE, t_sampler, t: torch.Tensor, error: torch.Tensor,
                              dims: int) -> torch.Tensor:
     """The cross-entropy estimate [B] from the denoising error at t ~ t_sampler (LSGM, eq. 8)."""
-    weight = t_sampler.weight(t).reshape(-1, *([1] * (error.ndim - 1))) * likelihood_weight(sde, t)
+    weight = append_dims(t_sampler.weight(t), error.ndim) * likelihood_weight(sde, t)
     return weighted_error(weight, error) + cross_entropy_constant(sde, t_sampler.eps, dims)
 
 
@@ -224,8 +226,8 @@ class LSGMConfig:
     """An LSGM: the NVAE of `vae` and the latent NCSN++ of `sgm` inside a `MixedScore`.
 
     `sgm` sees the VAE's top latent: its image_size / num_channels must equal the VAE's
-    `top_latent_shape` (K times its channels for a phase-space prior: the state (z0, m0)). `mixing_logit_init`: LSGM's --mixing_logit_init (-3 CIFAR-10, -6 MNIST,
-    OMNIGLOT, CelebA-HQ); `embedding_scale`: the network's time input is this times t (1000).
+    `top_latent_shape` (K times its channels for a phase-space prior: the state (z0, m0)).
+    `mixing_logit_init`: LSGM's --mixing_logit_init (-3 CIFAR-10, -6 MNIST, OMNIGLOT, CelebA-HQ); `embedding_scale`: the network's time input is this times t (1000).
     """
 
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -305,6 +307,18 @@ P_WEIGHTINGS = {
 }
 
 
+def takes_time_samplers(sde: SDE, iw_sample_p: str, iw_sample_q: str) -> bool:
+    """Whether `sde` can use these samplers of t: the importance samplers are derived for a
+    VP-type SDE; any other prior (VE, phase space) takes uniform t."""
+    return sde.variance_preserving or (iw_sample_p.endswith("uniform")
+                                       and iw_sample_q in ("reweight_p_samples", "ll_uniform"))
+
+
+def cross_entropy_sampler_name(sde: SDE) -> str:
+    """The sampler of t of the cross-entropy estimator of `nll_bound` for `sde`."""
+    return "ll_iw" if sde.variance_preserving else "uniform"
+
+
 def p_weight(kind: str, sde: SDE, t: torch.Tensor) -> torch.Tensor:
     """λ_p(t) of `P_WEIGHTINGS`: "likelihood" g²/(2σ_t²), "g2" g²/2 or "unit" 1, [B]; in phase
     space the blocks L^{-1} G G^T L^{-T} / 2, G G^T / 2 and I [B, K, K] (`weighted_error`)."""
@@ -345,9 +359,6 @@ def sample_latent(sgm: MixedScore, sde: SDE, n: int, shape, *, method: str = "od
     from lsgm_edu import samplers
 
     check_int("sample_latent", "n", n, low=1)
-    if method == "sscs" and not sde.supports_splitting:
-        raise ValueError(f"sample_latent: method sscs needs an SDE of the complete recipe (cld, "
-                         f"psld), got {sde!r}")
     full = sde.state_shape((n, *shape))
     kw = {"eps": eps, "generator": generator, "device": device}
     if method == "ode":

@@ -25,6 +25,7 @@ from lsgm_edu.losses import (
     denoising_score_matching,
 )
 from lsgm_edu.nets.precond import ScoreModel
+from lsgm_edu.utils import append_dims
 
 __all__ = ["DSM", "Batch", "BatchGenerator", "LSGMObjective", "VAEObjective"]
 
@@ -207,7 +208,7 @@ class LSGMObjective:
                  kl_const_coeff: float = 0.7, weight_decay_norm_vae: float = 0.0,
                  weight_decay_norm_sgm: float = 0.0, disjoint: bool = False):
         from lsgm_edu.losses import time_sampler
-        from lsgm_edu.lsgm import P_WEIGHTINGS
+        from lsgm_edu.lsgm import P_WEIGHTINGS, takes_time_samplers
 
         if iw_sample_p not in P_WEIGHTINGS:
             raise ValueError(f"LSGMObjective: iw_sample_p must be one of {', '.join(P_WEIGHTINGS)}"
@@ -219,8 +220,7 @@ class LSGMObjective:
             raise ValueError("LSGMObjective: disjoint training draws the VAE's own t: "
                              "iw_sample_q must be ll_uniform or ll_iw")
         sampler_name, self.p_kind = P_WEIGHTINGS[iw_sample_p]
-        if not sde.variance_preserving and not (iw_sample_p.endswith("uniform") and iw_sample_q
-                                                in ("reweight_p_samples", "ll_uniform")):
+        if not takes_time_samplers(sde, iw_sample_p, iw_sample_q):
             raise ValueError(f"LSGMObjective: the importance samplers of t are derived for a "
                              f"VP-type SDE; {sde!r} takes uniform t "
                              f"(iw_sample_p *_uniform, iw_sample_q reweight_p_samples or "
@@ -277,7 +277,7 @@ class LSGMObjective:
         error = lsgm.denoising_error(self.sde, eps_fn, z0.detach() if self.disjoint else z0,
                                      t, noise)
         p_weight = lsgm.p_weight(self.p_kind, self.sde, t)
-        p_weight = p_weight * self.p_sampler.weight(t).reshape(-1, *[1] * (p_weight.ndim - 1))
+        p_weight = p_weight * append_dims(self.p_sampler.weight(t), p_weight.ndim)
         p_loss = lsgm.weighted_error(p_weight.float(), error)
         error_q = error if self.q_sampler is None else lsgm.denoising_error(
             self.sde, eps_fn, z0, t_q, noise_q)

@@ -276,11 +276,10 @@ def langevin_corrector_step(score_fn, x, t, snr, alpha=1.0, generator=None, diff
     models; the x-score it leaves out is never used) and leaves p_t invariant, as any constant
     positive semidefinite preconditioner does.
     """
-    if diffusion is not None:
-        G = diffusion.to(x.dtype)
-        x_mean, x_new = _preconditioned_langevin(score_fn(x, t), x, G, snr, alpha, generator)
-        return x_new, x_mean
     score = score_fn(x, t)
+    G = None if diffusion is None else diffusion.to(x.dtype)
+    if G is not None:
+        score = phase_apply(G.mT, score)  # G^T s: the score in the noise's coordinates
     z = randn_like(x, generator)
     score_norm = score.reshape(score.shape[0], -1).norm(dim=-1).mean()
     noise_norm = z.reshape(z.shape[0], -1).norm(dim=-1).mean()
@@ -288,20 +287,10 @@ def langevin_corrector_step(score_fn, x, t, snr, alpha=1.0, generator=None, diff
     ratio = noise_norm / score_norm
     step = torch.where(score_norm > 0, 2 * alpha * (snr * ratio) ** 2, 0.0)
     step = append_dims(torch.as_tensor(step, device=x.device, dtype=x.dtype), x.ndim)
+    if G is not None:
+        score, z = phase_apply(G, score), phase_apply(G, z)
     x_mean = x + step * score
     return x_mean + torch.sqrt(2 * step) * z, x_mean
-
-
-def _preconditioned_langevin(score, x, G, snr, alpha, generator):
-    """(x_mean, x) of the G G^T-preconditioned Langevin step (`langevin_corrector_step`)."""
-    whitened = phase_apply(G.mT, score)  # G^T s: the score in the noise's coordinates
-    z = randn_like(x, generator)
-    score_norm = whitened.reshape(x.shape[0], -1).norm(dim=-1).mean()
-    noise_norm = z.reshape(x.shape[0], -1).norm(dim=-1).mean()
-    step = torch.where(score_norm > 0, 2 * alpha * (snr * noise_norm / score_norm) ** 2, 0.0)
-    step = append_dims(torch.as_tensor(step, device=x.device, dtype=x.dtype), x.ndim)
-    x_mean = x + step * phase_apply(G, whitened)
-    return x_mean, x_mean + torch.sqrt(2 * step) * phase_apply(G, z)
 
 
 def corrector_alpha(sde: SDE, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:

@@ -419,9 +419,9 @@ def _validate_lsgm(cfg: Config, sde) -> None:
         raise ConfigError(f"model.sgm.num_channels={cfg.model.sgm.num_channels}: the {sde_name} "
                           f"prior diffuses the state of {sde.K} phase component(s) of the "
                           f"{latent}-channel top latent; set {sde.K * latent}")
-    if not sde.variance_preserving and not (lc.iw_sample_p.endswith("uniform")
-                                            and lc.iw_sample_q in ("reweight_p_samples",
-                                                                   "ll_uniform")):
+    from lsgm_edu.lsgm import takes_time_samplers
+
+    if not takes_time_samplers(sde, lc.iw_sample_p, lc.iw_sample_q):
         raise ConfigError(f"lsgm.iw_sample_p={lc.iw_sample_p} / iw_sample_q={lc.iw_sample_q}: "
                           f"the importance samplers of t are derived for a VP-type SDE (vp, "
                           f"geometric_vp); a {sde_name} prior takes uniform t (iw_sample_p "
