@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
+DEBUG_HELP = "on an error, print the traceback (for bug reports; also LSGM_EDU_DEBUG=1)"
 SAMPLE_SEED_STREAM = 8  # image i of `sample` / `eval` is drawn with derived_seed(seed, 8, i)
 REFERENCE_SUBSET_SEED = 0  # which reference images keep their features for KID
 
@@ -65,7 +67,7 @@ def cmd_train(args) -> int:
 def _write_json(obj, path) -> None:
     from lsgm_edu.checkpoint import atomic_write_text
 
-    text = json.dumps(obj, indent=1)
+    text = json.dumps(obj, indent=1, allow_nan=False)  # strict JSON: no NaN / Infinity literals
     if path:
         atomic_write_text(path, text + "\n")
     print(text)
@@ -95,6 +97,7 @@ def _lsgm_sample_grid(args) -> int:
         images, nfe = lsgm.sample_images(models, sde, args.n, method=method, generator=g,
                                          steps=args.steps or cfg.sampling.steps,
                                          eps=cfg.sampling.eps)
+    check_finite_samples(images, cfg)
     path = save_image_grid(images.float().clamp(0, 1), args.out)
     print(json.dumps({"samples": str(path), "n": args.n, "method": method if sde else "vae prior",
                       "nfe": nfe, "images": "decoder means (Bernoulli probabilities / mixture "
@@ -113,6 +116,10 @@ def cmd_sample(args) -> int:
     model, cfg = load_score_model(args.checkpoint, device=args.device)
     _override_sampling(cfg, args)
     y = None
+    if args.class_label is not None and not 0 <= args.class_label < cfg.model.num_classes:
+        raise UsageError(f"--class-label {args.class_label}: " + (
+            f"the model has classes 0 to {cfg.model.num_classes - 1}" if cfg.model.num_classes
+            else "the model is unconditional (model.num_classes = 0)"))
     if args.class_label is not None:
         y = torch.full((args.n,), args.class_label, dtype=torch.long, device=args.device)
     # the images `eval` measures: per-image seeds, quantized by the training discretization
@@ -132,6 +139,7 @@ def cmd_likelihood(args) -> int:
     from lsgm_edu.train import seeded_generator
 
     model, cfg = _load_model(args)
+    _check_split(cfg, args.split)
     ds = data_module.load_dataset(cfg.data.dataset, args.split, args.data_dir or cfg.data.data_dir)
     n = min(args.n, len(ds))
     data_range = (-1.0, 1.0) if cfg.data.centered else (0.0, 1.0)
@@ -152,9 +160,15 @@ def cmd_likelihood(args) -> int:
         print(f"{start + len(xs)}/{n}: bits/dim so far {torch.cat(bpds).mean():.4f}",
               file=sys.stderr)
     bpd = torch.cat(bpds)
+    if not bool(torch.isfinite(bpd).all()):
+        raise RuntimeError(f"{args.checkpoint}: the likelihood of {int((~torch.isfinite(bpd)).sum())}"
+                           f" of {n} images is not finite (NaN weights, or a model far from its "
+                           f"data); no result written")
     _write_json({
         "checkpoint": str(args.checkpoint), "dataset": cfg.data.dataset, "split": args.split,
-        "n": n, "bits_per_dim": float(bpd.mean()), "stderr": float(bpd.std() / n**0.5),
+        "n": n, "bits_per_dim": float(bpd.mean()),
+        **({"stderr": float(bpd.std() / n**0.5)} if n > 1 else
+           {"stderr": None, "stderr_note": "one image: no standard error (use --n 2 or more)"}),
         "nfe": sum(nfes) / len(nfes),
         "protocol": f"uniform dequantization with {ds.num_levels} levels (noise of image i "
                     f"from seed derived_seed({args.seed}, 6, i)), PF-ODE dopri5 "
@@ -216,8 +230,31 @@ def sample_batches(model, cfg, n, batch_size, seed, device, y=None, progress=Tru
             y=None if y is None else y[index.start : index.stop], return_nfe=True)
         if nfe is not None:
             nfe.append(batch_nfe)
+        check_finite_samples(x, cfg)
         yield to_uint8(x, levels, discretization=discretization,
                        centered=cfg.data.centered).cpu()
+
+
+def check_finite_samples(x, cfg) -> None:
+    """Refuse samples holding NaN or inf (they would be written as black pixels)."""
+    import torch
+
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if bool(bad.any()):
+        s = cfg.sampling
+        raise RuntimeError(
+            f"sampling produced NaN/inf in {int(bad.sum())} of {len(x)} images ({s.method}, "
+            f"{s.steps} steps): the sampler diverged or the SDE runs outside its range; try "
+            f"more --steps or another --method. Nothing was written")
+
+
+def _check_split(cfg, split: str) -> None:
+    from lsgm_edu.data import DATASETS
+
+    splits = DATASETS[cfg.data.dataset].splits
+    if split not in splits:
+        raise UsageError(f"--split {split}: {cfg.data.dataset} has the splits "
+                         f"{', '.join(splits)}")
 
 
 def _override_sampling(cfg, args) -> None:
@@ -278,6 +315,7 @@ def cmd_eval(args) -> int:
              f"discretization ({discretization}: "
              f"{'floor' if discretization == 'dequantize' else 'round'})")
     if args.metric == "classifier-fid":
+        _check_split(cfg, args.split)
         classifier = metrics.load_classifier(_classifier_path(args), device="cpu")
         ref = data_module.load_dataset(cfg.data.dataset, args.split, args.data_dir)
         ref_images = ref.data[: args.num_reference] if args.num_reference else ref.data
@@ -355,15 +393,63 @@ def _classifier_path(args):
     return args.classifier or shipped_file("checkpoints/mnist5k_classifier.json")
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse prints the error in one line)."""
+def _device(text: str) -> str:
+    """argparse type: a torch device this machine has (cpu, cuda, cuda:1, mps)."""
+    import torch
+
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, mps)"
+                                         ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; "
+                                             f"use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), "
+                                             f"cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text}: lsgm_edu runs on cpu, cuda or mps")
+    return text
+
+
+def _output_file(text: str) -> str:
+    """argparse type: a file to write (not an existing folder, not an empty path)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    return text
+
+
+def _png_file(text: str) -> str:
+    """argparse type: a PNG file to write."""
+    text = _output_file(text)
+    if Path(text).suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text}: the grid is a PNG; give a .png file name")
+    return text
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= low (argparse prints the error in one line)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def _bound_protocol(k: int) -> str:
@@ -464,6 +550,7 @@ def _lsgm_classifier_fid(args, models, sde, cfg) -> int:
             x, batch_nfe = lsgm.sample_images(models, sde, size, method=method, generator=g,
                                               steps=args.steps or cfg.sampling.steps,
                                               eps=cfg.sampling.eps, rtol=args.tol, atol=args.tol)
+        check_finite_samples(x, cfg)
         images.append((x.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
         nfe.append(batch_nfe)
     samples = torch.cat(images)
@@ -540,6 +627,7 @@ def cmd_train_classifier(args) -> int:
     from lsgm_edu import metrics
     from lsgm_edu.nets.classifier import train_digit_classifier
 
+    _refuse_overwrite(args.out, [".safetensors", ".json"], args.force)
     train_set = data_module.load_dataset(args.dataset, "train", args.data_dir)
     test_set = data_module.load_dataset(args.dataset, "test", args.data_dir)
     clf = train_digit_classifier(
@@ -557,13 +645,38 @@ def cmd_train_classifier(args) -> int:
 def cmd_export(args) -> int:
     from lsgm_edu.train import export_ema
 
+    _refuse_overwrite(args.out, [".safetensors", ".json"], args.force, source=args.checkpoint)
     evaluation = None
     if args.evaluation:
-        evaluation = {Path(f).stem: json.loads(Path(f).read_text()) for f in args.evaluation}
+        evaluation = {Path(f).stem: _read_json(f) for f in args.evaluation}
     path = export_ema(args.checkpoint, args.out, note=args.note, evaluation=evaluation)
     print(f"wrote the weights to evaluate (EMA where the run kept one) of {args.checkpoint} to "
           f"{path.with_suffix('.safetensors')}")
     return 0
+
+
+def _read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON ({e})") from None
+
+
+def _refuse_overwrite(stem, suffixes, force: bool, source=None) -> None:
+    """The files `stem.with_suffix(suffix)` a command writes: one that is a file of `source`
+    (a checkpoint) is always refused, an existing one needs --force."""
+    targets = [Path(stem).with_suffix(suffix) for suffix in suffixes]
+    if source is not None:
+        sidecar = Path(source).with_suffix(".json")
+        sources = {sidecar.resolve(), sidecar.with_suffix(".safetensors").resolve()}
+        if any(t.resolve() in sources for t in targets):
+            raise UsageError(f"--out {stem} would overwrite the checkpoint it reads "
+                             f"({source}); choose another --out")
+    for target in targets:
+        if target.is_dir():
+            raise UsageError(f"--out {stem}: {target} is a folder; give a file stem")
+        if target.exists() and not force:
+            raise UsageError(f"--out {stem}: {target} exists; pass --force to replace it")
 
 
 def cmd_prepare_celebahq(args) -> int:
@@ -578,12 +691,19 @@ def cmd_configs(args) -> int:
 
     import yaml
 
-    from lsgm_edu.configs import available_configs, config_from_dict, load_config
+    from lsgm_edu.configs import (
+        ConfigError,
+        available_configs,
+        config_from_dict,
+        load_config,
+        read_yaml,
+    )
     from lsgm_edu.registry import MODELS, SDES
 
     if args.convert:  # a config of the first format, printed in the current one
-        with open(args.convert) as f:
-            tree = yaml.safe_load(f) or {}
+        tree = read_yaml(args.convert)
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{args.convert}: the top level must be a mapping of sections")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cfg = config_from_dict(tree, name=Path(args.convert).stem)
@@ -596,16 +716,30 @@ def cmd_configs(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lsgm_edu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (the usage itself is in --help)."""
 
-    p = sub.add_parser("train", help="train a score model (works under torchrun)")
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m lsgm_edu", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+
+    def command(name, **kw):  # every command takes --debug too
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p = command("train", help="train a score model (works under torchrun)")
     _add_config_args(p)
     p.add_argument("--out", help="run folder (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", type=_device,
+                   help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--stage", choices=["vae", "lsgm"],
                    help="LSGM configs: vae (pre-train the VAE) or lsgm (end to end)")
@@ -613,18 +747,18 @@ def build_parser() -> argparse.ArgumentParser:
                    " (sets lsgm.vae_checkpoint)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("sample", help="sample images from a checkpoint into a PNG grid")
+    p = command("sample", help="sample images from a checkpoint into a PNG grid")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--n", type=_positive_int, default=64)
     p.add_argument("--steps", type=_positive_int)
     _add_sampler_options(p)
-    p.add_argument("--class-label", type=int)
+    p.add_argument("--class-label", type=_non_negative_int)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--out", type=_png_file, default="samples.png")
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("likelihood", help="bits/dim of test data through the PF-ODE")
+    p = command("likelihood", help="bits/dim of test data through the PF-ODE")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--n", type=_positive_int, default=10_000)
@@ -632,11 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=_positive_float, default=1e-5)
     p.add_argument("--data-dir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--json", type=_output_file, help="also write the result to this JSON file")
     p.set_defaults(fn=cmd_likelihood)
 
-    p = sub.add_parser("eval", help="FID / IS / KID or classifier-feature FID of samples")
+    p = command("eval", help="FID / IS / KID or classifier-feature FID of samples")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--metric", default="fid", choices=["fid", "classifier-fid", "bpd", "nll"],
                    help="fid (with IS), classifier-fid (digits), bpd (PF-ODE bits/dim) or nll "
@@ -662,47 +796,51 @@ def build_parser() -> argparse.ArgumentParser:
                    "data/checkpoints/mnist5k_classifier.json, from any working directory)")
     p.add_argument("--split", default="test", help="data split for classifier-fid and bpd")
     p.add_argument("--num-reference", type=_positive_int, help="reference images for classifier-fid")
-    p.add_argument("--kid-features", type=int, default=10_000,
+    p.add_argument("--kid-features", type=_non_negative_int, default=10_000,
                    help="features kept for KID: of the first samples, and of a seeded random "
                         "subset of the reference when its statistics are computed")
-    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (mean, std)")
-    p.add_argument("--kid-subset-size", type=int, default=1000, help="rows per KID subset")
+    p.add_argument("--kid-subsets", type=_positive_int, default=100,
+                   help="KID subsets (mean, std)")
+    p.add_argument("--kid-subset-size", type=_positive_int, default=1000,
+                   help="rows per KID subset")
     p.add_argument("--data-dir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--json", type=_output_file, help="also write the result to this JSON file")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("train-classifier", help="train the classifier for small-data FID")
+    p = command("train-classifier", help="train the classifier for small-data FID")
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--out", default="data/checkpoints/mnist5k_classifier")
     p.add_argument("--steps", type=_positive_int, default=600)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace OUT's files if they exist")
     p.add_argument("--data-dir")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_train_classifier)
 
-    p = sub.add_parser("export", help="keep only the EMA weights of a checkpoint (to ship)")
+    p = command("export", help="keep only the EMA weights of a checkpoint (to ship)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="output stem: writes OUT.safetensors, OUT.json")
     p.add_argument("--note", default="")
+    p.add_argument("--force", action="store_true", help="replace OUT's files if they exist")
     p.add_argument("--evaluation", nargs="+", metavar="JSON",
                    help="results of eval to keep in the sidecar, by file name (e.g. nll.json)")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("prepare-celebahq", help="build the CelebA-HQ 256 folder from 1024 images "
+    p = command("prepare-celebahq", help="build the CelebA-HQ 256 folder from 1024 images "
                        "(or, with --size 64 --crop 140, the CelebA 64 folder from img_align_celeba)")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--crop", type=int, default=None,
+    p.add_argument("--size", type=_positive_int, default=256)
+    p.add_argument("--crop", type=_positive_int, default=None,
                    help="centre-crop this square before resizing (default: the largest square); "
                         "140 for CelebA 64")
     p.set_defaults(fn=cmd_prepare_celebahq)
 
-    p = sub.add_parser("configs", help="list the shipped configs")
+    p = command("configs", help="list the shipped configs")
     p.add_argument("--convert", metavar="YAML",
                    help="print a config of the first format (sde.name: vpsde, sde.eps, "
                         "model.name: ddpmpp) in the current format")
@@ -710,15 +848,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(ValueError):
+    """A command-line argument that cannot work (exit status 2, like argparse's own errors)."""
+
+
 def main(argv=None) -> int:
+    """Run a command; every error is one message on stderr (`--debug` or LSGM_EDU_DEBUG=1 add
+    the traceback): exit 2 for usage and config errors, 1 for runtime ones, 130 for Ctrl-C."""
     from lsgm_edu.configs import ConfigError
 
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("LSGM_EDU_DEBUG", "") not in ("", "0")
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        _report(debug, f"{e}" if str(e) else "interrupted")
+        return 130
+    except (ConfigError, UsageError) as e:
+        _report(debug, f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}")
         return 2
+    except (RuntimeError, ValueError, OSError, EOFError) as e:
+        _report(debug, f"error: {_describe(e)}")
+        return 1
+    except Exception as e:  # noqa: BLE001  (a bug: say so, and how to report it)
+        _report(debug, f"internal error: {type(e).__name__}: {e}. Please report it with the "
+                       f"traceback (rerun with --debug)")
+        return 1
+
+
+def _describe(e: BaseException) -> str:
+    """An exception's message, with the file an OSError names and without `[Errno N]`."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror[0].lower()}{e.strerror[1:]}"
+    return str(e) or type(e).__name__
+
+
+def _report(debug: bool, message: str) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-FORMAT = "lsgm_edu-checkpoint-v1"
+_FORMAT_PREFIX = "lsgm_edu-checkpoint-v"
+FORMAT = f"{_FORMAT_PREFIX}1"
 _NAME = re.compile(r"^step_(\d{8,})\.json$")
 
 
@@ -136,30 +137,71 @@ def _refuse_non_safetensors(path: Path) -> None:
     )
 
 
-def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict, dict]:
-    """Read a checkpoint by its `.json` sidecar, `.safetensors` file or stem -> (tensors, meta)."""
-    path = Path(path)
+def _read_sidecar(path: Path) -> tuple[Path, dict]:
+    """(sidecar path, its JSON) for a `.json` sidecar, `.safetensors` file or stem, or a
+    CheckpointError that names the file and what is wrong with it."""
+    if path.is_dir():
+        newest = list_checkpoints(path) or list_checkpoints(path / "checkpoints")
+        hint = (f"; its newest checkpoint is {newest[-1][1]}" if newest
+                else "; pass a checkpoint's .json sidecar (RUN/checkpoints/step_NNNNNNNN.json)")
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint{hint}")
     sidecar = path.with_suffix(".json") if path.suffix in ("", ".safetensors") else path
     if sidecar.suffix != ".json":
         if path.is_file():
             _refuse_non_safetensors(path)
         raise CheckpointError(f"{path}: expected a checkpoint .json sidecar or .safetensors file")
     if not sidecar.is_file():
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file; check the path (checkpoints are "
+                                  f"RUN/checkpoints/step_NNNNNNNN.json)")
         raise CheckpointError(
             f"{sidecar}: checkpoint sidecar missing; the checkpoint is incomplete (the run stopped "
-            f"while writing it) or the path is wrong"
-        )
+            f"while writing it) or the path is wrong")
     try:
-        meta = json.loads(sidecar.read_text())
+        text = sidecar.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{sidecar}: cannot read the checkpoint sidecar "
+                              f"({e.strerror or e}); check its permissions") from None
+    if not text.strip():
+        raise CheckpointError(f"{sidecar}: the checkpoint sidecar is empty (a copy that did not "
+                              f"finish?); use another checkpoint of the run")
+    try:
+        meta = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{sidecar}: corrupt checkpoint sidecar ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    _check_format(sidecar, meta)
+    return sidecar, meta
+
+
+def _check_format(sidecar: Path, meta) -> None:
+    """The sidecar is ours, of a format this version reads, and names a tensor file beside it."""
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if isinstance(found, str) and found.startswith(_FORMAT_PREFIX) and found != FORMAT:
+        raise CheckpointError(
+            f"{sidecar}: checkpoint format {found!r}, this lsgm_edu reads {FORMAT!r}: it was "
+            f"written by a newer lsgm_edu; upgrade lsgm_edu to load it")
+    if found != FORMAT:
         raise CheckpointError(f"{sidecar}: not an {FORMAT} sidecar")
+    name = meta.get("tensors")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise CheckpointError(
+            f"{sidecar}: its tensor file {name!r} is not a plain file name; a checkpoint's "
+            f"tensors must lie beside its sidecar (refusing paths that leave the folder)")
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict, dict]:
+    """Read a checkpoint by its `.json` sidecar, `.safetensors` file or stem -> (tensors, meta)."""
+    sidecar, meta = _read_sidecar(Path(path))
     tensor_path = sidecar.parent / meta["tensors"]
     if not tensor_path.is_file():
         raise CheckpointError(f"{tensor_path}: tensor file of checkpoint {sidecar.name} is missing")
-    _refuse_non_safetensors(tensor_path)
-    if verify and sha256_file(tensor_path) != meta.get("sha256"):
+    try:
+        _refuse_non_safetensors(tensor_path)
+        digest = sha256_file(tensor_path) if verify else None
+    except OSError as e:
+        raise CheckpointError(f"{tensor_path}: cannot read the tensor file ({e.strerror or e}); "
+                              f"check its permissions") from None
+    if verify and digest != meta.get("sha256"):
         raise CheckpointError(
             f"{tensor_path}: SHA-256 does not match its sidecar; the file is truncated or corrupt"
         )
@@ -168,6 +210,38 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict, dic
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{tensor_path}: unreadable safetensors file ({e})") from None
     return tensors, meta
+
+
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, v in tensors.items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                      prefix: str = "") -> None:
+    """`module.load_state_dict(state)` after checking every name, shape and dtype, so a
+    checkpoint of another config is one line naming the first mismatched tensor (not
+    PyTorch's list of every one), and a tensor of another dtype is refused, not cast."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        first = (f"{len(missing)} tensor(s) missing, first {prefix}{missing[0]}" if missing else
+                 f"{len(unexpected)} unexpected tensor(s), first {prefix}{unexpected[0]}")
+        raise CheckpointError(f"{source}: {first}; the checkpoint was written for another "
+                              f"model or config")
+    for key, want in expected.items():
+        got = state[key]
+        if got.shape != want.shape:
+            raise CheckpointError(
+                f"{source}: tensor {prefix}{key} has shape {list(got.shape)}, the model of this "
+                f"config expects {list(want.shape)}; the checkpoint was written for another config")
+        if got.dtype != want.dtype:
+            raise CheckpointError(
+                f"{source}: tensor {prefix}{key} is {got.dtype}, the model stores {want.dtype}; "
+                f"refusing to cast a checkpoint that is not what it claims")
+    module.load_state_dict(state)
 
 
 def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
@@ -184,12 +258,20 @@ def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(directory: str | Path, *, warn=print) -> tuple[dict, dict] | None:
-    """Newest checkpoint that loads and verifies; broken newer ones are reported and skipped."""
+    """Newest checkpoint that loads, verifies and holds only finite values; broken or
+    non-finite newer ones are reported and skipped."""
     for step, sidecar in reversed(list_checkpoints(directory)):
         try:
-            return load_checkpoint(sidecar)
+            tensors, meta = load_checkpoint(sidecar)
         except CheckpointError as e:
             warn(f"skipping broken checkpoint at step {step}: {e}")
+            continue
+        bad = non_finite_tensors(tensors)
+        if bad:
+            warn(f"skipping checkpoint at step {step} ({sidecar}): {len(bad)} tensor(s) hold "
+                 f"NaN or inf, first {bad[0]}")
+            continue
+        return tensors, meta
     return None
 
 

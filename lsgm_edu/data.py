@@ -33,6 +33,7 @@ import math
 import os
 import pickle
 import re
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -87,6 +88,9 @@ _MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC = 2051, 2049
+# MNIST has 70,000 28x28 images; an idx header declaring more is corrupt (or a gzip bomb).
+_IDX_MAX_ITEMS = 100_000
+_IDX_MAX_BYTES = _IDX_MAX_ITEMS * 28 * 28
 
 CELEBAHQ_FOLDER = "celebahq256"
 CELEBAMASK_HQ_URL = "https://github.com/switchablenorms/CelebAMask-HQ"
@@ -271,13 +275,13 @@ class ImageFolderDataset(ImageDataset):
         return (x if self.num_bits == 8 else reduce_bits(x, self.num_bits)), 0
 
     def _read(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
         path = self.files[i]
         try:
-            with Image.open(path) as img:
+            with _open_image(path) as img:
                 img.load()
                 mode, size, pixels = img.mode, img.size, np.array(img)
+        except _TooManyPixelsError:
+            raise
         except (OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"cannot read image {path}: {e}; the file is truncated or corrupt. "
                              f"{self.hint}".strip()) from e
@@ -524,31 +528,48 @@ def _find_idx(raw: Path, stem: str) -> Path | None:
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """An idx file (LeCun's MNIST format): big-endian magic, dims, then uint8 values."""
+    """An idx file (LeCun's MNIST format): big-endian magic, dims, then uint8 values.
+
+    Reads the header first and refuses a shape no MNIST file has, so memory stays bounded by
+    `_IDX_MAX_BYTES` whatever the file (a gzip bomb is refused before it is decompressed).
+    """
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
-    except (OSError, EOFError) as e:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
+            head, dims = _read_idx_header(f, path, magic)
+            body = f.read(math.prod(dims))
+            extra = f.read(1)
+    except (OSError, EOFError, zlib.error) as e:
         raise ValueError(f"cannot read MNIST file {path}: {e}; it is truncated or corrupt") from e
+    expected = len(head) + math.prod(dims)
+    if extra:
+        raise ValueError(f"MNIST file {path} has more than the {expected} bytes its header "
+                         f"(shape {dims}) declares; it is corrupt")
+    if len(head) + len(body) != expected:
+        raise ValueError(f"MNIST file {path} has {len(head) + len(body)} bytes, but its header "
+                         f"(shape {dims}) needs {expected}; it is truncated or corrupt")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _read_idx_header(f, path: Path, magic: int) -> tuple[bytes, list[int]]:
+    """The header bytes and dims of an idx stream, checked against what an MNIST file can hold."""
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"MNIST file {path} has {len(raw)} bytes, fewer than its {header}-byte "
+    head = f.read(header)
+    if len(head) < header:
+        raise ValueError(f"MNIST file {path} has {len(head)} bytes, fewer than its {header}-byte "
                          f"header; it is truncated")
-    found = int.from_bytes(raw[:4], "big")
+    found = int.from_bytes(head[:4], "big")
     if found != magic:
         raise ValueError(f"MNIST file {path}: bad magic number {found} (expected {magic} for an "
                          f"idx{ndim} {'image' if ndim == 3 else 'label'} file); it is corrupt or "
                          f"not an idx file")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + math.prod(dims)
-    if len(raw) != expected:
-        raise ValueError(f"MNIST file {path} has {len(raw)} bytes, but its header (shape {dims}) "
-                         f"needs {expected}; it is truncated or corrupt")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if dims[0] > _IDX_MAX_ITEMS or math.prod(dims) > _IDX_MAX_BYTES:
+        raise ValueError(f"MNIST file {path}: its header declares shape {dims} "
+                         f"({math.prod(dims)} bytes), more than an MNIST file holds (at most "
+                         f"{_IDX_MAX_ITEMS} items, {_IDX_MAX_BYTES} bytes); it is corrupt or not "
+                         f"an MNIST file")
+    return head, dims
 
 
 def _load_mnist(root: Path, split: str, download: bool) -> ImageDataset:
@@ -747,7 +768,8 @@ def prepare_image_folder(src_dir, dst_dir, size: int = 256, *, crop: int | None 
     resizes with PIL's antialiased Lanczos filter, writes each PNG to a temporary file and
     renames it (atomic), and skips images already in dst_dir, so an interrupted run resumes.
     Builds CelebA-HQ 256 from CelebAMask-HQ's CelebA-HQ-img/*.jpg (size 256), and CelebA 64
-    from img_align_celeba/*.jpg (size 64, crop 140: the usual CelebA 64 protocol).
+    from img_align_celeba/*.jpg (size 64, crop 140: the usual CelebA 64 protocol). 16-bit PNGs
+    are scaled to 8 bits (`_to_rgb`); an image over PIL.Image.MAX_IMAGE_PIXELS is refused unread.
     """
     src, dst = Path(src_dir), Path(dst_dir)
     if not src.is_dir():
@@ -785,8 +807,10 @@ def _resize_to_png(src: Path, dst: Path, size: int, crop: int | None = None) -> 
     from PIL import Image
 
     try:
-        with Image.open(src) as img:
-            img = img.convert("RGB")
+        with _open_image(src) as img:
+            img = _to_rgb(img)
+    except _TooManyPixelsError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {src}: {e}") from e
     w, h = img.size
@@ -801,6 +825,59 @@ def _resize_to_png(src: Path, dst: Path, size: int, crop: int | None = None) -> 
     if s != size:
         img = img.resize((size, size), Image.Resampling.LANCZOS)
     atomic_write_bytes(dst, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def _to_rgb(img):
+    """img as 8-bit RGB; 16-bit greyscale ("I;16*", or "I" holding 0..65535) becomes
+    round(v / 257), where PIL's convert("RGB") would clip it at 255 (an almost white image).
+
+    PIL itself reduces 16-bit RGB(A) PNGs to their top 8 bits when it opens them.
+    """
+    from PIL import Image
+
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        v = np.asarray(img).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((v + 128) // 257).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
+class _TooManyPixelsError(ValueError):
+    """An image declaring more pixels than PIL's decompression-bomb limit."""
+
+
+def _open_image(path: Path):
+    """PIL's Image.open, refusing (before decoding) an image over PIL.Image.MAX_IMAGE_PIXELS."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _TooManyPixelsError(_too_many_pixels(path, _declared_size(path), limit, e)) from e
+    if limit is not None and img.size[0] * img.size[1] > limit:
+        img.close()
+        raise _TooManyPixelsError(_too_many_pixels(path, img.size, limit))
+    return img
+
+
+def _declared_size(path: Path) -> tuple[int, int] | None:
+    """The (W, H) a PNG or JPEG header declares, read without PIL's decompression-bomb check."""
+    from PIL import JpegImagePlugin, PngImagePlugin
+
+    for cls in (PngImagePlugin.PngImageFile, JpegImagePlugin.JpegImageFile):
+        try:
+            with cls(path) as img:
+                return img.size
+        except (OSError, SyntaxError, ValueError, IndexError):  # not this format, or corrupt
+            continue
+    return None
+
+
+def _too_many_pixels(path: Path, size, limit, error=None) -> str:
+    declared = f"{size[0]} x {size[1]} pixels" if size else f"too many pixels ({error})"
+    return (f"image {path} declares {declared}, more than PIL's decompression-bomb limit of "
+            f"{limit} pixels; it is corrupt or a decompression bomb. If it is a genuine image, "
+            f"shrink it first, or raise PIL.Image.MAX_IMAGE_PIXELS")
 
 
 # --- transforms: pixels <-> model space, one home for each ------------------------------------

@@ -21,7 +21,7 @@ import torch
 
 from . import data
 from .checks import check_interval_eps
-from .samplers import check_ode_args, solve_probability_flow
+from .samplers import check_ode_args, odeint_bounded, solve_probability_flow
 from .sde import SDE
 from .utils import phase_apply, psd_sqrt, randn
 
@@ -183,14 +183,13 @@ def log_likelihood(
     eps = check_interval_eps(fn, eps, sde.T)
     probes = None if exact_divergence else draw_probes(x, n_probes, probe, generator)
     ode = _LogDensityODE(sde.reverse(score_fn, probability_flow=True), probes)
-    from torchdiffeq import odeint  # imported here, as in samplers
-
     t_dtype = torch.float32 if x.device.type == "mps" else torch.float64
     t = torch.linspace(
         eps, sde.T, 2 if steps is None else steps + 1, dtype=t_dtype, device=x.device
     )
     delta0 = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
-    xs, deltas = odeint(ode, (x, delta0), t, rtol=rtol, atol=atol, method=method)
+    xs, deltas = odeint_bounded(ode, (x, delta0), t, rtol=rtol, atol=atol, method=method,
+                                what="the likelihood's probability-flow ODE")
     z, delta_logp = xs[-1], deltas[-1]
     prior_logp = sde.prior_logp(z)
     logp = prior_logp + delta_logp

@@ -809,7 +809,7 @@ def load_classifier(path: str | Path, *, device: torch.device | str = "cpu") -> 
     if meta.get("kind") != CLASSIFIER_KIND:
         raise ValueError(f"load_classifier: {stem}.json is not a {CLASSIFIER_KIND} checkpoint")
     model = DigitClassifier(**meta["architecture"])
-    model.load_state_dict(tensors)
+    ckpt.load_module_state(model, tensors, f"{stem}.json")
     model.metadata = {k: v for k, v in meta.items() if k not in ("format", "tensors", "sha256")}
     return model.to(device).eval()
 

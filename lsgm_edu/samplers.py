@@ -508,8 +508,6 @@ class _ProbabilityFlowODE:
         self.started = True
 
     def solve(self, x, t_start, t_end, method, rtol, atol, steps, striding="uniform"):
-        from torchdiffeq import odeint  # imported here: only the ODE samplers need it
-
         # torchdiffeq calls the hook it finds: once per step on a fixed grid, once per accepted
         # step for adaptive methods (callback_step there would also see rejected attempts).
         if steps is None:
@@ -523,9 +521,41 @@ class _ProbabilityFlowODE:
         # Adaptive solvers otherwise step past t_end and interpolate back: a model evaluated at
         # t < eps (sigma(t) -> 0, an eps-network divided by sigma) turns the solve into inf/NaN.
         options = {"step_t": t[-1:]} if steps is None else None
-        out = odeint(self, x, t, rtol=rtol, atol=atol, method=method, options=options)[-1]
+        out = odeint_bounded(self, x, t, rtol=rtol, atol=atol, method=method, options=options,
+                             what="the probability-flow ODE")[-1]
         self._report(t_end, out)
         return out
+
+
+MAX_ODE_STEPS = 10_000  # adaptive steps (accepted or rejected) before a solve gives up
+
+
+def odeint_bounded(func, y0, t, *, rtol, atol, method, options=None, what="the ODE solve"):
+    """torchdiffeq's `odeint`, where an adaptive solve that cannot finish (a tolerance below
+    the float precision, a NaN drift) stops after MAX_ODE_STEPS steps with a RuntimeError
+    that says why, instead of running for ever or failing on a bare assert."""
+    from torchdiffeq import odeint  # imported here: only the ODE solvers need it
+
+    if method in _ADAPTIVE_METHODS:
+        options = {**(options or {}), "max_num_steps": MAX_ODE_STEPS}
+    try:
+        return odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options)
+    except AssertionError as e:
+        reason = str(e)
+        if "max_num_steps" in reason:
+            hint = (f"took more than {MAX_ODE_STEPS} steps at rtol={rtol:g}, atol={atol:g}: "
+                    f"the tolerance is too tight for {_dtype_name(y0)} (use >= 1e-6 in float32)")
+        elif "underflow" in reason:
+            hint = (f"step size underflowed ({reason}): the drift is NaN/inf or stiff (check "
+                    f"the model's weights and the input)")
+        else:
+            raise
+        raise RuntimeError(f"{what} ({method}) {hint}") from None
+
+
+def _dtype_name(y) -> str:
+    first = y[0] if isinstance(y, tuple) else y
+    return str(first.dtype).replace("torch.", "")
 
 
 def check_ode_args(fn: str, method, steps, striding: str = "uniform"):

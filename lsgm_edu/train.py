@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from lsgm_edu.nets import build_model
 from lsgm_edu.nets.precond import ScoreModel
 from lsgm_edu.objectives import DSM, Batch, BatchGenerator, LSGMObjective, VAEObjective
 from lsgm_edu.registry import MODELS, SDES
+from lsgm_edu.run_folder import RunFolder
 
 STATE_LAYOUT = 2  # checkpoint tensors named <model>/..., ema/<model>/..., opt/<model>/<param>/...
 
@@ -386,7 +388,8 @@ def lsgm_setup(cfg: Config, sde=None) -> TrainingSetup:
         raise ConfigError("lsgm.train_vae=false freezes the VAE, so it needs a trained one: set "
                           "lsgm.vae_checkpoint (--vae-checkpoint) to a stage-'vae' checkpoint")
     if cfg.lsgm.vae_checkpoint:
-        models["vae"].load_state_dict(load_vae_weights(cfg.lsgm.vae_checkpoint, cfg))
+        ckpt.load_module_state(models["vae"], load_vae_weights(cfg.lsgm.vae_checkpoint, cfg),
+                               f"lsgm.vae_checkpoint={cfg.lsgm.vae_checkpoint}", "vae/")
     tc, lc = cfg.train, cfg.lsgm
     specs = {"vae": ModelSpec.from_train_config(models["vae"], tc, lr=lc.lr_vae,
                                                 eps=lc.adam_eps_vae, ema_rate=None,
@@ -482,17 +485,20 @@ class TrainState:
                     out[f"opt/{name}/{pname}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
         return out
 
-    def load_tensors(self, tensors: dict, *, optimizers: bool = True) -> None:
-        """Inverse of `tensors` (strict: every model and EMA key must be present)."""
+    def load_tensors(self, tensors: dict, *, optimizers: bool = True,
+                     source: str = "checkpoint") -> None:
+        """Inverse of `tensors` (strict: every model and EMA tensor present, of its shape and
+        dtype; `source` names the checkpoint in errors)."""
         saved = {k.split("/", 1)[0] for k in tensors if not k.startswith(("ema/", "opt/"))}
         if saved != set(self.modules):
             raise ckpt.CheckpointError(
                 f"the checkpoint holds models {sorted(saved)}, this run trains "
                 f"{sorted(self.modules)}")
         for name, module in self.modules.items():
-            module.load_state_dict(_part(tensors, f"{name}/"))
+            ckpt.load_module_state(module, _part(tensors, f"{name}/"), source, f"{name}/")
             if name in self.emas:
-                self.emas[name].load_state_dict(_part(tensors, f"ema/{name}/"))
+                ckpt.load_module_state(self.emas[name], _part(tensors, f"ema/{name}/"), source,
+                                       f"ema/{name}/")
             if not optimizers or name not in self.optimizers:
                 continue
             params = dict(module.named_parameters())
@@ -824,10 +830,12 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
     `setup` (default `training_setup(cfg, stage)`: DSM for a U-Net, LSGM's stage "vae" or
     "lsgm" for an LSGM) names the models and the objective; everything else (batches, seeds,
     steps, checkpoints, logs) comes from `cfg` (for an LSGM stage, `stage_config(cfg, stage)`).
+    The folder is locked while the run holds it (`RunFolder`); a start that fails leaves it as
+    it was. In one process, Ctrl-C stops after the current step, saves a checkpoint there and
+    raises `TrainingInterrupted` (a second Ctrl-C stops at once).
     """
     cfg = stage_config(cfg, stage)
     d = setup_distributed(device)
-    out = Path(out_dir)
     tc = cfg.train
     if tc.batch_size % d.world_size:
         raise ConfigError(
@@ -836,19 +844,63 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
     if dataset is None:
         dataset = data_module.load_dataset(cfg.data.dataset, "train", cfg.data.data_dir,
                                            download=cfg.data.download)
+    if tc.batch_size > len(dataset):
+        raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the training set "
+                          f"({len(dataset)} images of {cfg.data.dataset}); lower it")
+    setup = setup if setup is not None else training_setup(cfg, stage)
+    state = TrainState(setup.models, d.device)
+    folder = RunFolder.open(out_dir) if d.main else None
+    try:
+        _barrier(d)
+        return _train(cfg, Path(out_dir), folder, d, state, setup, dataset, resume, progress, log)
+    except BaseException:
+        if folder is not None:
+            folder.discard()  # a failed start: nothing of this run stays behind
+        raise
+    finally:
+        if folder is not None:
+            folder.close()
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a training run; the message says where and how to resume."""
+
+
+class _StopAfterStep:
+    """While active (one process, main thread): the first SIGINT asks the loop to stop after
+    the current step, the second raises KeyboardInterrupt at once."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.requested, self._previous = enabled, False, None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: stopping after this step and saving a checkpoint (Ctrl-C again to "
+              "stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _train(cfg, out, folder, d, state, setup, dataset, resume, progress, log) -> TrainResult:
+    tc = cfg.train
     num_levels = getattr(dataset, "num_levels", 256)
     ckpt_dir = out / "checkpoints"
     log_path = out / "log.csv"
-
-    setup = setup if setup is not None else training_setup(cfg, stage)
-    state = TrainState(setup.models, d.device)
-
     start, last_ckpt = 0, None
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob(".*.tmp") if ckpt_dir.is_dir() else []:
-            stale.unlink(missing_ok=True)
-    _barrier(d)
     found = ckpt.latest_checkpoint(ckpt_dir, warn=log if d.main else (lambda *_: None)) \
         if resume else None
     if found is not None:
@@ -859,9 +911,9 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
                 f"opt/<index>/...); convert it with lsgm_edu.train.migrate_checkpoint(OLD.json, "
                 f"NEW_STEM) and resume from a folder holding the converted one")
         _same_training_problem(meta["config"], cfg)
-        state.load_tensors(tensors)
+        last_ckpt = ckpt.checkpoint_stem(ckpt_dir, int(meta["step"])).with_suffix(".json")
+        state.load_tensors(tensors, source=str(last_ckpt))
         start = int(meta["step"])
-        last_ckpt = ckpt.checkpoint_stem(ckpt_dir, start).with_suffix(".json")
         if d.main:
             log(f"resuming from step {start} ({last_ckpt})")
     elif resume and ckpt.list_checkpoints(ckpt_dir):
@@ -908,48 +960,62 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
     csv_log = CSVLog(log_path, start, main=d.main)
 
     loss_value, t0, last_log_t, last_log_step = float("nan"), time.time(), None, start
+    done = start
     bar = tqdm(total=tc.n_iters, initial=start, disable=not (progress and d.main), desc="train",
                dynamic_ncols=True)
+    stop = _StopAfterStep(enabled=d.world_size == 1)
     try:
-        for step, (x_uint8, y) in enumerate(loader, start=start):
-            gen = seeded_generator(tc.seed, 2, step)
-            x0 = _prepare_batch(x_uint8, gen, cfg, num_levels, rank_slice, d.device)
-            if cuda and tc.channels_last and x0.ndim == 4:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            batch = Batch(x0, y.to(d.device) if cfg.model.num_classes else None, step)
-            torch.manual_seed(derived_seed(tc.seed, 3, step, d.rank))  # dropout masks
-            try:
-                stats = train_step(state, setup.objective, batch,
-                                   BatchGenerator(gen, tc.batch_size, rank_slice, d.device),
-                                   step, amp_dtype=amp_dtype, reduce=reduce)
-            except TrainingDiverged as e:
-                raise TrainingDiverged(
-                    f"{e}, the last good checkpoint is {last_ckpt or 'none (none written yet)'}. "
-                    f"Lower train.lr, check the data scaling, or try train.precision=fp32."
-                ) from None
-            loss_value = stats.loss
-            done = step + 1
-            bar.update(1)
-            if d.main and (done % tc.log_every == 0 or done == tc.n_iters):
-                now = time.time()
-                dt = now - (last_log_t or t0)
-                ips = tc.batch_size * (done - last_log_step) / max(dt, 1e-9)
-                last_log_t, last_log_step = now, done
-                scalars = {"loss": loss_value,
-                           **{f"grad_norm/{n}": v for n, v in stats.grad_norms.items()},
-                           **{f"lr/{n}": v for n, v in stats.lrs.items()}, **stats.logs}
-                csv_log.write({"step": done, **{k: f"{v:.6g}" for k, v in scalars.items()},
-                               "images_per_s": f"{ips:.4g}", "elapsed_s": f"{now - t0:.2f}"})
-                for k, v in {**scalars, "images_per_s": ips}.items():
-                    writer.add_scalar(f"train/{k}", v, done)
-                bar.set_postfix(loss=f"{loss_value:.4g}")
-            if done % tc.ckpt_every == 0 or done == tc.n_iters:
-                if d.main:
-                    last_ckpt = _save(ckpt_dir, done, cfg, state, d)
-                    plot_loss_curve(log_path, out / "loss.png")
-                _barrier(d)
-            if d.main and tc.sample_grid and setup.sample and done % tc.sample_every == 0:
-                _save_grid(out, done, cfg, state, setup)
+        with stop:
+            for step, (x_uint8, y) in enumerate(loader, start=start):
+                gen = seeded_generator(tc.seed, 2, step)
+                x0 = _prepare_batch(x_uint8, gen, cfg, num_levels, rank_slice, d.device)
+                if cuda and tc.channels_last and x0.ndim == 4:
+                    x0 = x0.contiguous(memory_format=torch.channels_last)
+                batch = Batch(x0, y.to(d.device) if cfg.model.num_classes else None, step)
+                torch.manual_seed(derived_seed(tc.seed, 3, step, d.rank))  # dropout masks
+                try:
+                    stats = train_step(state, setup.objective, batch,
+                                       BatchGenerator(gen, tc.batch_size, rank_slice, d.device),
+                                       step, amp_dtype=amp_dtype, reduce=reduce)
+                except TrainingDiverged as e:
+                    raise TrainingDiverged(f"{e}, {_last_good(last_ckpt)}. Lower train.lr, check "
+                                           f"the data scaling, or try train.precision=fp32."
+                                           ) from None
+                if folder is not None:
+                    folder.started()
+                loss_value = stats.loss
+                done = step + 1
+                bar.update(1)
+                if d.main and (done % tc.log_every == 0 or done == tc.n_iters or stop.requested):
+                    now = time.time()
+                    dt = now - (last_log_t or t0)
+                    ips = tc.batch_size * (done - last_log_step) / max(dt, 1e-9)
+                    last_log_t, last_log_step = now, done
+                    scalars = {"loss": loss_value,
+                               **{f"grad_norm/{n}": v for n, v in stats.grad_norms.items()},
+                               **{f"lr/{n}": v for n, v in stats.lrs.items()}, **stats.logs}
+                    csv_log.write({"step": done, **{k: f"{v:.6g}" for k, v in scalars.items()},
+                                   "images_per_s": f"{ips:.4g}",
+                                   "elapsed_s": f"{now - t0:.2f}"})
+                    for k, v in {**scalars, "images_per_s": ips}.items():
+                        writer.add_scalar(f"train/{k}", v, done)
+                    bar.set_postfix(loss=f"{loss_value:.4g}")
+                if done % tc.ckpt_every == 0 or done == tc.n_iters or stop.requested:
+                    if d.main:
+                        last_ckpt = _save(ckpt_dir, done, cfg, state, d, last_ckpt)
+                        plot_loss_curve(log_path, out / "loss.png")
+                    _barrier(d)
+                if stop.requested:
+                    raise TrainingInterrupted(
+                        f"interrupted at step {done}: saved {last_ckpt}; continue with --resume")
+                if d.main and tc.sample_grid and setup.sample and done % tc.sample_every == 0:
+                    _save_grid(out, done, cfg, state, setup)
+    except KeyboardInterrupt as e:
+        if isinstance(e, TrainingInterrupted):
+            raise
+        raise TrainingInterrupted(
+            f"interrupted during step {done + 1}: {_last_good(last_ckpt)}; continue from it "
+            f"with --resume") from None
     finally:
         bar.close()
         csv_log.close()
@@ -961,7 +1027,19 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
                        score_model=setup.result_model(models) if setup.result_model else None)
 
 
-def _save(ckpt_dir, step, cfg, state: TrainState, d):
+def _last_good(last_ckpt) -> str:
+    return f"the last good checkpoint is {last_ckpt or 'none (none written yet)'}"
+
+
+def _save(ckpt_dir, step, cfg, state: TrainState, d, last_ckpt=None):
+    """Write checkpoint `step`, unless a parameter or EMA value is not finite: then raise
+    `TrainingDiverged` naming the last checkpoint that is (nothing non-finite is saved)."""
+    tensors = state.tensors()
+    bad = ckpt.non_finite_tensors(tensors)
+    if bad:
+        raise TrainingDiverged(
+            f"step {step}: {len(bad)} tensor(s) of the model hold NaN or inf (first {bad[0]}); "
+            f"not saved, {_last_good(last_ckpt)}. Lower train.lr or try train.precision=fp32.")
     meta = {
         "step": step,
         "config": cfg.to_dict(),
@@ -973,7 +1051,7 @@ def _save(ckpt_dir, step, cfg, state: TrainState, d):
         "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    path = ckpt.save_checkpoint(ckpt.checkpoint_stem(ckpt_dir, step), state.tensors(), meta)
+    path = ckpt.save_checkpoint(ckpt.checkpoint_stem(ckpt_dir, step), tensors, meta)
     ckpt.prune_checkpoints(ckpt_dir, cfg.train.keep_last)
     return path
 
@@ -1045,10 +1123,21 @@ def load_lsgm(path: str | Path, *, ema: bool = True, device="cpu"):
     for name in names:
         prefix = f"ema/{name}/" if ema and any(k.startswith(f"ema/{name}/") for k in tensors) \
             else f"{name}/"
-        models[name].load_state_dict(_part(tensors, prefix))
+        state = _finite_state(_part(tensors, prefix), path, prefix)
+        ckpt.load_module_state(models[name], state, str(path), prefix)
     if "sgm" not in names:
         models = nn.ModuleDict({"vae": models["vae"]})
     return models.to(device).eval(), (sde if "sgm" in names else None), cfg
+
+
+def _finite_state(state: dict, path, prefix: str) -> dict:
+    """`state`, or a CheckpointError when a weight is NaN or inf (it could only sample NaN)."""
+    bad = ckpt.non_finite_tensors(state)
+    if bad:
+        raise ckpt.CheckpointError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or inf (first {prefix}{bad[0]}); the run "
+            f"diverged before this checkpoint: use an earlier one")
+    return state
 
 
 def load_score_model(path: str | Path, *, ema: bool = True, device="cpu", name: str = "score"):
@@ -1070,7 +1159,7 @@ def load_score_model(path: str | Path, *, ema: bool = True, device="cpu", name: 
     state = _part(tensors, prefix)
     if not state:
         raise ckpt.CheckpointError(f"{path}: no '{prefix}' tensors in this checkpoint")
-    net.load_state_dict(state)
+    ckpt.load_module_state(net, _finite_state(state, path, prefix), str(path), prefix)
     return score_model_of(net.to(device).eval(), sde, cfg), cfg
 
 
@@ -1085,6 +1174,7 @@ def export_ema(checkpoint_path: str | Path, out_stem: str | Path, note: str = ""
     for name in meta.get("models", []):
         if not any(k.startswith(f"ema/{name}/") for k in tensors):
             ema_tensors.update({k: v for k, v in tensors.items() if k.startswith(f"{name}/")})
+    _finite_state(ema_tensors, checkpoint_path, "")  # never ship weights that hold NaN or inf
     small = {"kind": "ema", "step": meta["step"], "config": meta["config"], "note": note,
              "torch": meta.get("torch"), "exported_from": Path(checkpoint_path).name,
              "state_layout": meta.get("state_layout"), "models": meta.get("models"),

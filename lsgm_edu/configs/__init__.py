@@ -21,6 +21,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 import warnings
@@ -34,6 +36,7 @@ from lsgm_edu.nets.unet import UNetConfig
 from lsgm_edu.registry import MODELS, SDES, Registry, UnknownName
 
 CONFIG_DIR = Path(__file__).resolve().parent
+_RUN_NAME = re.compile(r"[^/\\.\x00][^/\\\x00]*")  # one folder name: no separator, no leading "."
 
 
 class ConfigError(ValueError):
@@ -230,11 +233,13 @@ def _coerce(value, tp, key: str):
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 without a dot as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):  # no setting means anything at nan or inf
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -368,8 +373,16 @@ def validate(cfg: Config) -> Config:
                        "train.beta2": t.beta2}.items():
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
-    if t.warmup < 0 or t.grad_clip < 0 or t.sample_grid < 0:
-        raise ConfigError("train.warmup, train.grad_clip and train.sample_grid must be >= 0")
+    for key, value in {"train.warmup": t.warmup, "train.grad_clip": t.grad_clip,
+                       "train.sample_grid": t.sample_grid, "train.weight_decay": t.weight_decay,
+                       "data.num_workers": cfg.data.num_workers}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not t.adam_eps > 0:
+        raise ConfigError(f"train.adam_eps must be > 0, got {t.adam_eps}")
+    if not _RUN_NAME.fullmatch(cfg.name):
+        raise ConfigError(f"name: {cfg.name!r} names the run folder runs/<name>, so it must be "
+                          f"one folder name: no '/' or '\\', not starting with '.'")
     if not 0.0 < t.eps < 1.0 or not 0.0 < cfg.sampling.eps < 1.0:
         raise ConfigError("train.eps and sampling.eps must be in (0, 1)")
     if is_lsgm:
@@ -523,6 +536,20 @@ def config_from_dict(tree: dict, name: str = "unnamed", *, source: str = "config
     return validate(_build(Config, tree, ""))
 
 
+def read_yaml(path: str | Path):
+    """The YAML file at `path`, or a ConfigError naming the file, line and problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config ({e})") from None
+
+
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a shipped config by name (see `available_configs()`) or a YAML file by path."""
     path = Path(name_or_path)
@@ -531,8 +558,7 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     if not path.is_file():
         known = ", ".join(available_configs())
         raise ConfigError(f"no config {str(name_or_path)!r}: not a YAML file; shipped configs: {known}")
-    with open(path) as f:
-        tree = yaml.safe_load(f) or {}
+    tree = read_yaml(path)
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides or []:
