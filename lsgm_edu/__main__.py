@@ -857,9 +857,10 @@ def main(argv=None) -> int:
     the traceback): exit 2 for usage and config errors, 1 for runtime ones, 130 for Ctrl-C."""
     from lsgm_edu.configs import ConfigError
 
-    args = build_parser().parse_args(argv)
-    debug = getattr(args, "debug", False) or os.environ.get("LSGM_EDU_DEBUG", "") not in ("", "0")
+    debug = os.environ.get("LSGM_EDU_DEBUG", "") not in ("", "0")
     try:
+        args = build_parser().parse_args(argv)  # (argument types may import torch: inside)
+        debug = debug or getattr(args, "debug", False)
         return args.fn(args)
     except KeyboardInterrupt as e:
         _report(debug, f"{e}" if str(e) else "interrupted")

@@ -1009,7 +1009,7 @@ def _train(cfg, out, folder, d, state, setup, dataset, resume, progress, log) ->
                     raise TrainingInterrupted(
                         f"interrupted at step {done}: saved {last_ckpt}; continue with --resume")
                 if d.main and tc.sample_grid and setup.sample and done % tc.sample_every == 0:
-                    _save_grid(out, done, cfg, state, setup)
+                    _save_grid(out, done, cfg, state, setup, log)
     except KeyboardInterrupt as e:
         if isinstance(e, TrainingInterrupted):
             raise
@@ -1056,7 +1056,9 @@ def _save(ckpt_dir, step, cfg, state: TrainState, d, last_ckpt=None):
     return path
 
 
-def _save_grid(out, step, cfg, state: TrainState, setup: TrainingSetup):
+def _save_grid(out, step, cfg, state: TrainState, setup: TrainingSetup, log=print):
+    """The periodic sample grid of the EMA models; one holding NaN/inf is reported, not saved
+    (it would be a black grid that looks like a result)."""
     models = state.eval_models()
     was_training = {n: m.training for n, m in models.items()}
     for m in models.values():
@@ -1064,6 +1066,11 @@ def _save_grid(out, step, cfg, state: TrainState, setup: TrainingSetup):
     images = setup.sample(models, cfg.train.sample_grid, seeded_generator(cfg.train.seed, 4, step))
     for n, m in models.items():
         m.train(was_training[n])
+    bad = int((~torch.isfinite(images.reshape(len(images), -1)).all(dim=1)).sum())
+    if bad:
+        log(f"step {step}: the sample grid has NaN/inf in {bad} of {len(images)} images (the "
+            f"sampler diverges on the EMA model); grid not saved")
+        return
     save_image_grid(images, out / "samples" / f"step_{step:08d}.png")
 
 

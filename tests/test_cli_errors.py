@@ -298,6 +298,20 @@ def test_ctrl_c_saves_the_step_and_resume_continues(tmp_path):
     assert result.step == step + 1
 
 
+def test_ctrl_c_outside_training_is_one_line(work):
+    root, good = work
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lsgm_edu", "likelihood", "--checkpoint", str(good), "--n", "500",
+         "--batch-size", "1", "--tol", "1e-3"], cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "bits/dim so far" not in proc.stderr.readline():  # the first image is done
+        assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted"
+    assert "Traceback" not in err
+
+
 def test_a_nan_in_the_ema_is_never_saved_and_the_message_names_the_last_good_checkpoint(
         tmp_path, monkeypatch):
     """The loss and gradients stay finite; the EMA turns NaN at the third update (a fault the
@@ -388,3 +402,13 @@ def test_written_files_follow_the_umask(work):
     for suffix in (".json", ".safetensors"):
         mode = stat.S_IMODE((root / f"umask_export{suffix}").stat().st_mode)
         assert mode == 0o600, oct(mode)
+
+
+def test_a_non_finite_sample_grid_is_reported_not_saved(tmp_path):
+    cfg = small_config("train.n_iters=1", "train.sample_every=1", "train.sample_grid=4")
+    setup = training_setup(cfg)
+    setup.sample = lambda models, n, generator: torch.full((n, 1, 8, 8), float("nan"))
+    logs = []
+    train(cfg, tmp_path / "run", progress=False, log=logs.append, setup=setup)
+    assert any("NaN/inf in 4 of 4 images" in m and "not saved" in m for m in logs)
+    assert not (tmp_path / "run" / "samples").exists()
