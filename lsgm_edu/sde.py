@@ -457,9 +457,11 @@ class VESDE(ScalarSDE):
     N(x0, (noise_scale(t)^2 - sigma_min^2) I) (eq. 29 with sigma(0) = sigma_min), and that is
     what `marginal_coefficients` returns: alpha = 1, sigma = sqrt(noise_scale^2 - sigma_min^2),
     so sigma(0) = 0. The Score SDE reference code returns noise_scale(t) itself as the std
-    (it drops the - sigma_min^2, which differs by under sigma_min^2 / (2 noise_scale) and is
-    not the SDE's own marginal). Prior N(0, sigma_max^2 I), as in the reference; the exact
-    p_T has variance sigma_max^2 - sigma_min^2. `discretize` is the SMLD/NCSN chain.
+    (it drops the - sigma_min^2 and is not the SDE's own marginal): the two stds differ by
+    sigma_min^2 / (noise_scale + sigma), between sigma_min^2 / (2 noise_scale) and
+    sigma_min^2 / noise_scale (equal to the upper bound, sigma_min, at t = 0). Prior
+    N(0, sigma_max^2 I), as in the reference; the exact p_T has variance
+    sigma_max^2 - sigma_min^2. `discretize` is the SMLD/NCSN chain.
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
