@@ -7,10 +7,15 @@ rendered in JupyterLab.
   the same run (`--outputs .build/executed`), so `make test` executes each chapter once for
   both; run alone, this file executes them as `jupyter book build --execute` does;
 - a build that times out, is interrupted or killed leaves no process behind;
+- no chapter, as jupytext reads it into a notebook, splits a MyST directive across cells (what
+  a code cell written inside a dropdown turns into: raw MyST in JupyterLab), and the check
+  flags a broken copy of chapter 8 and the fixture tests/data/split_directive.md, in the
+  browser too;
 - the `make lab` command serves JupyterLab, with the chapters opening as notebooks;
 - in headless Chromium, every chapter double-clicked in JupyterLab opens as a notebook, and
   renders with the outputs nbval saved in the same run (.build/executed/) with typeset math,
-  resolved cross-references, no raw MyST, figures and no error; chapter 1 (LSGM_EDU_BROWSER_RUN
+  resolved cross-references, no raw MyST (closed dropdowns and markdown code blocks included),
+  no directive split across cells, figures and no error; chapter 1 (LSGM_EDU_BROWSER_RUN
   picks others) is run top to bottom in JupyterLab instead, widgets included. One JupyterLab and
   one Chromium serve all chapters (tools/screenshot_book.py, run once by a session fixture; the
   per-chapter tests read its results). Screenshots in .build/screenshots/.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -43,8 +49,9 @@ TOOLS = REPO / "tools"
 CHAPTER1 = REPO / "book" / "01_scores_and_langevin.md"
 CHAPTERS = sorted((REPO / "book").glob("[0-9][0-9]_*.md"))
 SCREENSHOTS = REPO / ".build" / "screenshots"
+SPLIT_FIXTURE = REPO / "tests" / "data" / "split_directive.md"  # code cells inside directives
 sys.path.insert(0, str(TOOLS))
-from screenshot_book import find_chromium, free_port
+from screenshot_book import find_chromium, free_port, split_directives
 
 PYTHON = sys.executable  # the project's environment (.venv) when run by `make test`
 
@@ -317,6 +324,66 @@ def test_book_check_flags_chapter_missing_from_toc(book_copy: Path):
     assert "99_not_in_toc.md" in out and "toc" in out
 
 
+# --- no directive split across notebook cells ----------------------------------------------
+# A code cell written inside a directive (a dropdown holding a solution's code) is split by
+# jupytext: the directive's two ends land in different markdown cells, and JupyterLab shows
+# them, and everything after a lone closing fence, as raw text. Exercise solutions put their
+# code in a hidden cell after the dropdown instead (`:tags: [hide-cell]`).
+
+def test_no_chapter_splits_a_directive():
+    """Every chapter, as jupytext reads it into a notebook, keeps each directive in one
+    markdown cell (tools/screenshot_book.py `split_directives`; the browser check applies it
+    to the notebook JupyterLab opened too)."""
+    import jupytext
+
+    found = {c.name: split_directives(jupytext.read(c).cells) for c in CHAPTERS}
+    found = {name: problems for name, problems in found.items() if problems}
+    assert not found, "directives split across notebook cells (a code cell inside a " \
+        "directive? put it after the directive, tagged hide-cell):\n" + "\n".join(
+            f"{name}: {p}" for name, problems in found.items() for p in problems)
+
+
+def test_split_directive_check_flags_fixture():
+    """tests/data/split_directive.md: a code cell inside a `::::{dropdown}` (split in two),
+    one inside a ````{dropdown}` and one inside a ```{dropdown}` (left in the markdown as
+    text); a correct ```{note}` for contrast."""
+    import jupytext
+
+    nb = jupytext.read(SPLIT_FIXTURE)
+    problems = split_directives(nb.cells)
+    assert [c.cell_type for c in nb.cells] == ["markdown", "code", "markdown", "code", "markdown"]
+    assert any(p.startswith("cell 3 (markdown): opens a fence it does not close") and
+               "{dropdown}" in p for p in problems), problems
+    assert any(p.startswith("cell 5 (markdown): starts with a bare fence") for p in problems), \
+        problems
+    assert sum(p.startswith("cell 5 (markdown): holds a code cell as text")
+               for p in problems) == 2, problems
+    assert not any("{note}" in p or "{admonition}" in p for p in problems), problems
+    # the code cells themselves are fine; a code cell that starts with a fence is not
+    assert split_directives([{"cell_type": "code", "source": "print(1)\n"}]) == []
+    assert split_directives([{"cell_type": "code", "source": "```{code-cell}\nx = 1\n```"}])
+
+
+def test_split_directive_check_flags_broken_chapter(tmp_path: Path):
+    """A copy of chapter 8 with one solution's hidden code cell moved back inside its
+    dropdown, as the chapter once had it, is flagged; the chapter itself is not."""
+    import jupytext
+
+    chapter = REPO / "book" / "08_score_models_for_images.md"
+    text = chapter.read_text(encoding="utf-8")
+    pattern = re.compile(r"^::::\n\n(```\{code-cell\} ipython3\n:tags: \[hide-cell\]\n.*?^```\n)",
+                         flags=re.MULTILINE | re.DOTALL)
+    assert pattern.search(text), (f"{chapter.name} no longer has a dropdown followed by a "
+                                  "hidden solution cell; update this test")
+    broken = tmp_path / chapter.name
+    broken.write_text(pattern.sub(lambda m: "\n" + m[1] + "::::\n", text, count=1),
+                      encoding="utf-8")
+    assert split_directives(jupytext.read(chapter).cells) == []
+    problems = split_directives(jupytext.read(broken).cells)
+    assert any("opens a fence it does not close '::::{dropdown}" in p for p in problems), problems
+    assert any("starts with a bare fence" in p and "'::::'" in p for p in problems), problems
+
+
 # --- make lab -------------------------------------------------------------------------------
 
 def lab_command(port: int, token: str) -> list[str]:
@@ -505,3 +572,28 @@ def test_chapter_renders_in_jupyterlab(chapter: Path, jupyterlab_run):
         img = matplotlib.image.imread(png)
         assert img.shape[0] >= 600 and img.shape[1] >= 800, f"{png}: {img.shape}"
         assert img[..., :3].std() > 0.05, f"{png} is (nearly) blank"
+
+
+@pytest.mark.browser
+def test_jupyterlab_check_flags_split_directive(tmp_path: Path):
+    """The browser check, on tests/data/split_directive.md run in JupyterLab, fails the
+    raw-MyST check (the halves of the split directives show as text, the markdown after a
+    lone closing fence as a code block) and the split-directive check, and passes the rest."""
+    if find_chromium() is None:
+        pytest.skip("headless Chromium not found")
+    results = tmp_path / "results.json"
+    res = run_tool([PYTHON, str(TOOLS / "screenshot_book.py"), str(SPLIT_FIXTURE), "--fast",
+                    "--outdir", str(tmp_path / "shots"), "--results", str(results),
+                    "--timeout", "120", "--max-shots", "2"], timeout=420, cwd=REPO)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    result = json.loads(results.read_text())["chapters"][SPLIT_FIXTURE.relative_to(REPO)
+                                                         .as_posix()]
+    raw = next((f for f in result["failed"] if f.startswith("no raw MyST syntax")), "")
+    assert raw and all(s in raw for s in ("{dropdown}", "{code-cell}", ":::")), out
+    split = next((f for f in result["failed"] if f.startswith("no MyST directive split")), "")
+    assert "opens a fence it does not close" in split and "starts with a bare fence" in split, out
+    # nothing else is wrong with it but its lack of images
+    assert len(result["failed"]) == 3 and any(f.startswith("at least one image output")
+                                               for f in result["failed"]), result["failed"]
+    assert any(p.startswith("every code cell ran") for p in result["passed"]), out

@@ -21,8 +21,11 @@ and one headless Chromium visits them in turn. For each chapter it
       attached, is written to a temporary folder under the root and opened in JupyterLab;
       nothing is executed. A missing or stale executed notebook (its code cells differ from
       the chapter's) fails the chapter;
-    then checks that no cell raised, that math is typeset, that MyST cross-references and
-    roles are resolved (no raw `[](#`, `{eq}`, `{math}`... left in the rendered markdown) and
+    then checks that no cell raised, that math is typeset, that MyST cross-references,
+    roles and directives are resolved (no raw `[](#`, `{eq}`, `{math}`, `:::{`, `{dropdown}`,
+    lone fences... left in the rendered markdown, its code blocks included), that no directive
+    is split across cells (`split_directives`: what jupytext makes of a code cell written
+    inside a directive; tests/test_book.py applies it to every chapter offline too) and
     that there is at least one image output, and saves the whole notebook as
     `offline_chapterN_rendered_01.png`, `_02.png`, ... (one per screen, top to bottom).
 
@@ -74,9 +77,120 @@ USER_SETTINGS = {
                                                     "checkForUpdates": False},
 }
 
+# Directive names, for spotting them as raw text.
+DIRECTIVES = ("dropdown|code-cell|admonition|note|tip|hint|important|warning|caution|attention|"
+              "danger|error|seealso|figure|image|table|list-table|csv-table|math|code|"
+              "code-block|glue|tab-set|tab-item|card|grid|grid-item|margin|sidebar|topic|aside|"
+              "embed|include|iframe|div|exercise|solution|proof|prf:[a-z]+|bibliography|mermaid")
 # Literal MyST syntax that must not survive rendering of a markdown cell.
 UNRENDERED = [r"\[\]\(#", r"\{math\}", r"\{eq\}`", r"\{ref\}`", r"\{numref\}`", r"\{cite(:[pt])?\}`",
-              r"```\{", r":::\{", r"^\(\S+\)=$"]
+              r"```\{", r":::\{", r"^\(\S+\)=$",
+              # a directive's name, or a lone fence line: half a directive shown as text
+              rf"\{{({DIRECTIVES})\}}", r"^\s*(:{3,}|`{3,})\s*$"]
+# Literal MyST syntax that must not show up inside a code block of a markdown cell either (a
+# markdown cell that starts with a directive's closing fence renders what follows as a code
+# block). The chapters' own code blocks (```bash) hold no fence lines.
+UNRENDERED_IN_CODE_BLOCKS = [r"```\{", r":::\{", rf"\{{({DIRECTIVES})\}}",
+                             r"^\s*(:{3,}|`{3,})", r"^:(tags|class|label|name|open):"]
+
+# A fence line: backticks or colons (3 or more), then a directive `{name}` with its argument,
+# or a code block's language, or nothing.
+FENCE = re.compile(r"^ {0,3}(?P<fence>`{3,}|:{3,})\s*(?:\{(?P<name>[^}\s]+)\}|(?P<info>[^`\s]*))"
+                   r"(?P<rest>.*)$")
+# Directives whose body is text (not markdown), as a plain code block's is.
+LITERAL = {"code-cell", "code", "code-block", "sourcecode", "math", "raw", "mermaid"}
+
+
+def _fence(line: str) -> tuple[str, int, str | None, bool] | None:
+    """(fence character, its length, directive name, bare) of a fence line, else None."""
+    m = FENCE.match(line)
+    if not m:
+        return None
+    rest = (m["info"] or "") + m["rest"]
+    if m["fence"][0] == "`" and "`" in rest:  # inline code, not a fence
+        return None
+    return m["fence"][0], len(m["fence"]), m["name"], m["name"] is None and not rest.strip()
+
+
+def _fence_end(lines: list[str], k: int) -> int | None:
+    """The line that closes the fence opened on line k (a closing fence: the same character,
+    at least as long, nothing after it), None when it is never closed. A backtick fence holds
+    text until then (CommonMark); a colon fence holds markdown, with fences of its own."""
+    char, length, _, _ = _fence(lines[k])
+    j = k + 1
+    while j < len(lines):
+        f = _fence(lines[j])
+        if f and f[3] and f[0] == char and f[1] >= length:
+            return j
+        if f and char == ":" and not (f[3] and f[0] == ":"):  # a nested fence
+            end = _fence_end(lines, j)
+            if end is None:
+                return None
+            j = end
+        j += 1
+    return None
+
+
+def _fence_problems(lines: list[str]) -> list[tuple[str, str]]:
+    problems = []
+    k = 0
+    while k < len(lines):
+        f = _fence(lines[k])
+        if f is None:
+            k += 1
+            continue
+        char, _, name, bare = f
+        if bare and char == ":":
+            problems.append(("closes a directive it did not open", lines[k]))
+            k += 1
+            continue
+        if name == "code-cell":  # jupytext left it inside a directive: text, never run
+            problems.append(("holds a code cell as text", lines[k]))
+        end = _fence_end(lines, k)
+        if end is None:
+            problems.append(("opens a fence it does not close", lines[k]))
+            k += 1
+            continue
+        if name is not None and name not in LITERAL:  # the body is markdown
+            problems += _fence_problems(lines[k + 1:end])
+        k = end + 1
+    return problems
+
+
+def split_directives(cells) -> list[str]:
+    """The cells of a notebook (jupytext's reading of a chapter, or the notebook as JupyterLab
+    holds it: items with `cell_type` (or `type`) and `source`) that carry half of a MyST
+    directive: a markdown cell that starts with a bare fence, leaves a fence open, closes one
+    it never opened, or holds a `{code-cell}`; a code cell whose source starts with a fence or
+    a directive. This is what jupytext makes of a code cell written inside a directive: from
+    `::::{dropdown}` ... ```{code-cell} ... `::::` the directive's two ends land in different
+    markdown cells, which JupyterLab shows as raw text; from ````{dropdown}` ... ```{code-cell}
+    ... ```` the code cell stays in the markdown, as text that never runs. Returns one line per
+    problem ("cell 41 (markdown): ..."), empty when none."""
+    problems = []
+    for i, cell in enumerate(cells, 1):
+        kind = cell.get("cell_type") or cell.get("type")
+        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        lines = source.splitlines()
+        head = next((n for n, line in enumerate(lines) if line.strip()), None)
+        if head is None:
+            continue
+        first = _fence(lines[head])
+        if kind == "code":
+            if first or re.match(rf"\s*\{{({DIRECTIVES})\}}", lines[head]):
+                problems.append(f"cell {i} (code): starts with MyST directive syntax "
+                                f"{lines[head].strip()[:60]!r}")
+            continue
+        if kind != "markdown":
+            continue
+        found = []
+        if first and first[3]:  # the closing half of a directive opened in an earlier cell
+            why = "starts with a bare fence (the end of a directive opened in another cell)"
+            found.append((why, lines[head]))
+            head += 1
+        found += _fence_problems(lines[head:])
+        problems += [f"cell {i} (markdown): {what} {line.strip()[:60]!r}" for what, line in found]
+    return problems
 
 
 def find_chromium() -> str | None:
@@ -251,12 +365,23 @@ JS_RENDER = """
     markdownText: md.map(e => {
       const c = e.cloneNode(true);
       c.querySelectorAll('.katex, mjx-container, .MathJax, code, pre').forEach(x => x.remove());
+      // a closed dropdown (<details>) has no innerText: check what it holds too
+      c.querySelectorAll('details').forEach(d => { d.open = true; });
       c.style.cssText = 'position:absolute;left:-99999px;top:0;width:900px';
       document.body.appendChild(c);  // innerText needs layout
       const t = c.innerText;
       c.remove();
       return t;
     }),
+    // code blocks of the rendered markdown: a cell that begins with a directive's closing
+    // fence renders the rest of it as one
+    markdownCode: md.flatMap(e => Array.from(e.querySelectorAll('pre')).map(p => p.textContent)),
+    // the cells as JupyterLab (jupytext) made them: a directive split across cells shows here
+    cells: (() => {
+      const w = window.jupyterapp.shell.currentWidget;
+      const cells = w && w.content && w.content.model ? Array.from(w.content.model.cells) : [];
+      return cells.map(c => ({type: c.type, source: c.sharedModel.getSource()}));
+    })(),
     mystCells: nb.querySelectorAll('.jp-MarkdownCell .myst').length,
     math: nb.querySelectorAll('mjx-container, .MathJax, .katex').length,
     images: nb.querySelectorAll('.jp-OutputArea .jp-RenderedImage img').length,
@@ -273,7 +398,8 @@ JS_RENDER = """
     links: md.flatMap(e => Array.from(e.querySelectorAll('a')))
       // an equation's own permalink "(n)" is an anchor, not a cross-reference
       .filter(a => !/^Link to this/.test(a.getAttribute('title') || ''))
-      .map(a => ({text: a.innerText.trim(), href: a.getAttribute('href') || '',
+      // textContent: a link in a closed dropdown has no innerText
+      .map(a => ({text: a.textContent.trim(), href: a.getAttribute('href') || '',
                   context: (a.closest('p, li, div') ? a.closest('p, li, div').outerHTML : '').slice(0, 400)})),
   };
 }
@@ -489,13 +615,20 @@ def check_rendered(page, checks: Checks, code: list[dict], live_widgets: bool) -
     checks.check(render.get("math", 0) > 0, "math is typeset (MathJax/KaTeX elements)",
                  f"{render.get('math', 0)} elements")
     text = "\n".join(render.get("markdownText", []))
-    raw = sorted({m.group(0) for pat in UNRENDERED
+    raw = sorted({m.group(0).strip() for pat in UNRENDERED
                   for m in re.finditer(pat, text, flags=re.MULTILINE)})
+    in_code = "\n".join(render.get("markdownCode", []))
+    raw += sorted({m.group(0).strip() for pat in UNRENDERED_IN_CODE_BLOCKS
+                   for m in re.finditer(pat, in_code, flags=re.MULTILINE)} - set(raw))
     checks.check(render.get("mystCells", 0) > 0, "markdown is rendered by jupyterlab-myst",
                  f"{render.get('mystCells', 0)}/{render.get('markdownCells', 0)} markdown cells")
     checks.check(not raw, "no raw MyST syntax (roles, directives, labels) in rendered markdown",
                  "raw syntax left: " + ", ".join(raw) if raw else
                  f"{len(render.get('markdownText', []))} rendered markdown cells")
+    split = split_directives(render.get("cells", []))
+    checks.check(bool(render.get("cells")) and not split,
+                 "no MyST directive split across cells (a code cell written inside a directive)",
+                 "; ".join(split)[:600] if split else f"{len(render.get('cells', []))} cells")
     # `[](#label)` with no target renders as a link whose text is "#label"; `{eq}` and
     # friends as a "Cross Reference Not Found" marker. Citations are not checked here:
     # jupyterlab-myst does not read references.bib (check_book.py checks them).
