@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import trange
 
-from .checks import check_tensor, check_time
+from .checks import check_float, check_tensor, check_time
 from .samplers import (
     PREDICTORS,
     check_pc_args,
@@ -33,6 +33,7 @@ from .sde import SDE
 from .utils import randn_like
 
 __all__ = [
+    "cfg_score",
     "colorize",
     "conditional_score_fn",
     "decoupling_matrix",
@@ -300,3 +301,37 @@ def colorize(
         raise ValueError(f"colorize: gray must have shape [B, 1, ...] (one channel), got {shape}")
     W = decoupling_matrix(gray.dtype, gray.device)
     return impute_linear(sde, score_fn, math.sqrt(3) * gray, W, steps, snr, n_corrector, **kwargs)
+
+
+# --- classifier-free guidance -------------------------------------------------------------
+
+
+def _check_cfg_args(cond_score_fn, uncond_score_fn, w) -> float:
+    if not callable(cond_score_fn) or not callable(uncond_score_fn):
+        raise TypeError("cfg_score: cond_score_fn(x, t, y) and uncond_score_fn(x, t) must be "
+                        "callable (one network with and without its label, or two)")
+    return check_float("cfg_score", "w", w)
+
+
+def cfg_score(
+    cond_score_fn: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor],
+    uncond_score_fn: ScoreFn,
+    w: float,
+) -> Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]:
+    """Classifier-free guidance: s~(x, t, y) = (1 + w) s(x, t, y) - w s(x, t).
+
+    Ho & Salimans 2022, eq. (6) (there on the noise ε, which is the score times -σ_t). It is
+    the score of p_t(x | y)^(1 + w) / p_t(x)^w, i.e. of p_t(x) p_t(y | x)^(1 + w): classifier
+    guidance with scale 1 + w (`conditional_score_fn`) with the classifier that Bayes' rule
+    implies, so no classifier is trained. w = 0: the conditional score; returns (x, t, y) -> like
+    x (bind y for a sampler: `lambda x, t: guided(x, t, y)`).
+    """
+    w = _check_cfg_args(cond_score_fn, uncond_score_fn, w)
+
+    def guided(x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
+        s_cond = cond_score_fn(x, t, y)
+        if w == 0:  # no unconditional evaluation needed
+            return s_cond
+        return (1 + w) * s_cond - w * uncond_score_fn(x, t)
+
+    return guided

@@ -31,23 +31,37 @@ __all__ = [
     "STRIDINGS",
     "ChainRecorder",
     "annealed_langevin",
+    "check_ddim_args",
+    "check_heun_args",
     "check_ode_args",
     "check_pc_args",
+    "check_scalar_marginals",
     "corrector_alpha",
+    "ddim",
+    "ddim_step",
+    "ddpm_posterior_std",
+    "edm_sigmas",
+    "edm_time_grid",
     "euler_maruyama",
     "euler_maruyama_step",
+    "heun",
+    "heun_step",
     "langevin",
     "langevin_corrector_step",
     "langevin_log_proposal",
     "langevin_proposal",
     "mala",
+    "marginal_coefficients_at",
+    "noise_to_signal",
     "per_sample_time",
+    "predict_noise_and_data",
     "predictor_corrector",
     "probability_flow",
     "reverse_diffusion_step",
     "reverse_time_grid",
     "solve_probability_flow",
     "sscs",
+    "time_of_noise_to_signal",
 ]
 
 
@@ -728,3 +742,213 @@ def annealed_langevin(
                     callback({"i": i, "sigma": sigma, "x": x, "x_mean": x_mean})
                 bar.update(1)
     return x_mean if denoise else x
+
+
+# --- the modern samplers: DDIM and EDM's Heun on the probability-flow ODE -------------------
+#
+# Both need scalar marginals x_t = alpha_t x0 + sigma_t eps (K = 1: VP, sub-VP, VE, geometric
+# VP). In the variables xbar = x / alpha and sigmabar = sigma / alpha the probability-flow ODE
+# of every such SDE reads d xbar / d sigmabar = eps_hat(x, t) (Karras et al. 2022, eq. 4 with
+# s(t) = alpha_t, sigma(t) = sigmabar): DDIM (eta = 0) is its Euler step, EDM adds Heun's
+# correction. Their callback receives {"i", "t", "x", "x_mean", "denoised"} (denoised = x0_hat).
+
+
+def check_scalar_marginals(fn: str, sde) -> None:
+    """Refuse an SDE whose kernel is not N(alpha_t x0, sigma_t^2 I) with scalar alpha, sigma."""
+    if getattr(sde, "K", None) != 1 or not hasattr(sde, "marginal_coefficients"):
+        raise ValueError(
+            f"{fn}: needs an SDE with scalar marginals x_t = alpha_t x0 + sigma_t eps (K = 1: "
+            f"VPSDE, SubVPSDE, VESDE, GeometricVPSDE), got {sde!r} with K = "
+            f"{getattr(sde, 'K', '?')} phase components; sample phase space with `sscs` or "
+            f"`probability_flow`"
+        )
+
+
+def check_ddim_args(fn: str, sde, steps, eta, eps, striding) -> tuple[int, float, float]:
+    """Validate DDIM's arguments; returns (steps, eta, eps)."""
+    check_scalar_marginals(fn, sde)
+    check_striding(fn, striding)
+    eta = check_float(fn, "eta", eta, low=0.0)
+    if eta > 1:
+        raise ValueError(f"{fn}: eta must lie in [0, 1] (0: DDIM, 1: DDPM), got {eta!r}")
+    return _check_steps(fn, steps), eta, _check_eps(fn, sde, eps)
+
+
+def check_heun_args(fn: str, sde, steps, rho, eps) -> tuple[int, float, float]:
+    """Validate EDM Heun's arguments; returns (steps, rho, eps)."""
+    check_scalar_marginals(fn, sde)
+    steps = check_int(fn, "steps", steps, 2)
+    return steps, check_float(fn, "rho", rho, positive=True), _check_eps(fn, sde, eps)
+
+
+def _initial_state(fn: str, sde, shape, z, generator, device, dtype) -> torch.Tensor:
+    """x_T: the given prior draw `z` (which then sets shape, device, dtype), else a fresh one."""
+    if z is None:
+        return sde.prior_sampling(
+            check_shape(fn, shape), generator=generator, device=device, dtype=dtype
+        )
+    check_tensor(fn, "z", z)
+    if shape is not None and tuple(shape) != tuple(z.shape):
+        raise ValueError(f"{fn}: z has shape {tuple(z.shape)} but shape={tuple(shape)}")
+    return z
+
+
+def marginal_coefficients_at(sde, t: float) -> tuple[float, float]:
+    """alpha_t, sigma_t of p_t(x | x0) = N(alpha_t x0, sigma_t^2 I) at one time, as float64."""
+    alpha, sigma = sde.marginal_coefficients(torch.tensor([float(t)], dtype=torch.float64))
+    return alpha.item(), sigma.item()
+
+
+def predict_noise_and_data(sde, score_fn, x, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """eps_hat = -sigma_t s(x, t) and x0_hat = (x - sigma_t eps_hat) / alpha_t (Tweedie).
+
+    Song, Meng & Ermon 2021, eq. (9): the noise a score predicts and the data it points to."""
+    alpha, sigma = marginal_coefficients_at(sde, t)
+    eps_hat = -sigma * score_fn(x, per_sample_time(t, x))
+    return eps_hat, (x - sigma * eps_hat) / alpha
+
+
+def ddpm_posterior_std(sde, t: float, s: float) -> float:
+    """sigma_tilde = (sigma_s / sigma_t) sqrt(sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2): the
+    std of q(x_s | x_t, x0), DDIM's sigma_t(eta = 1) (Song, Meng & Ermon 2021, eq. 16)."""
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = (marginal_coefficients_at(sde, u) for u in (t, s))
+    return sigma_s / sigma_t * math.sqrt(max(sigma_t**2 - (alpha_t / alpha_s * sigma_s) ** 2, 0))
+
+
+def ddim_step(sde, score_fn, x, t: float, s: float, eta: float = 0.0, generator=None):
+    """x_s = alpha_s x0_hat + sqrt(sigma_s^2 - eta^2 sigma_tilde^2) eps_hat + eta sigma_tilde z.
+
+    Song, Meng & Ermon 2021, eq. (12), for any scalar SDE (s < t). eta = 0: the exponential
+    integrator (Euler step in sigma / alpha) of the probability-flow ODE; eta = 1: DDPM's
+    ancestral step. Returns (x_s, x_mean without the noise, x0_hat).
+    """
+    eps_hat, x0_hat = predict_noise_and_data(sde, score_fn, x, t)
+    alpha_s, sigma_s = marginal_coefficients_at(sde, s)
+    noise_std = eta * ddpm_posterior_std(sde, t, s)
+    x_mean = alpha_s * x0_hat + math.sqrt(max(sigma_s**2 - noise_std**2, 0)) * eps_hat
+    if noise_std == 0:  # no draw: eta = 0 leaves the generator untouched
+        return x_mean, x_mean, x0_hat
+    return x_mean + noise_std * randn_like(x, generator), x_mean, x0_hat
+
+
+@torch.no_grad()
+def ddim(
+    sde: SDE,
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shape,
+    steps: int,
+    *,
+    eta: float = 0.0,
+    eps: float = 1e-3,
+    striding: str = "uniform",
+    z: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+    device=None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """DDIM (Song, Meng & Ermon 2021, eq. 12) from x_T ~ prior (or `z`) over
+    `reverse_time_grid(T, eps, steps, striding)`, one `ddim_step` per score evaluation.
+
+    eta = 0 is deterministic: a first-order solver of the probability-flow ODE (Song et al.
+    2021, eq. 13) exact for a point mass; eta = 1 samples like DDPM. The last step, from eps
+    to 0, returns x0_hat (sigma_0 = 0). `steps` score evaluations.
+    """
+    fn = "ddim"
+    steps, eta, eps = check_ddim_args(fn, sde, steps, eta, eps, striding)
+    x = _initial_state(fn, sde, shape, z, generator, device, dtype)
+    grid = reverse_time_grid(sde.T, eps, steps, striding)
+    for i in trange(steps, disable=not progress, desc=fn):
+        x, x_mean, x0_hat = ddim_step(sde, score_fn, x, grid[i], grid[i + 1], eta, generator)
+        if callback is not None:
+            callback({"i": i, "t": grid[i + 1], "x": x, "x_mean": x_mean, "denoised": x0_hat})
+    return x
+
+
+def noise_to_signal(sde, t: torch.Tensor) -> torch.Tensor:
+    """sigma_bar(t) = sigma_t / alpha_t: EDM's noise level sigma(t) of the SDE (Karras et al.
+    2022, Table 1: sqrt(exp(1/2 beta_d t^2 + beta_min t) - 1) for VP, sigma_t for VE)."""
+    alpha, sigma = sde.marginal_coefficients(t)
+    return sigma / alpha
+
+
+def time_of_noise_to_signal(sde, sigma_bar: torch.Tensor, iterations: int = 64) -> torch.Tensor:
+    """The t in [0, T] with sigma_t / alpha_t = sigma_bar, by bisection in float64 (it increases
+    with t for every scalar SDE of lsgm_edu.sde), elementwise."""
+    target = sigma_bar.double()
+    lo, hi = torch.zeros_like(target), torch.full_like(target, sde.T)
+    for _ in range(iterations):  # 64 halvings: below float64's resolution of [0, T]
+        mid = 0.5 * (lo + hi)
+        below = noise_to_signal(sde, mid) < target
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def edm_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+    i = 0 .. N - 1 (Karras et al. 2022, eq. 5): float64 [N], sigma_max down to sigma_min."""
+    ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def edm_time_grid(sde, steps: int, eps: float = 1e-3, rho: float = 7.0) -> list[float]:
+    """EDM's discretization as times: t_i with sigma_t / alpha_t = sigma_i of `edm_sigmas`
+    between sigma_bar(eps) and sigma_bar(T), then t_N = 0 (sigma_N = 0): steps + 1 floats."""
+    ends = noise_to_signal(sde, torch.tensor([eps, sde.T], dtype=torch.float64)).tolist()
+    times = time_of_noise_to_signal(sde, edm_sigmas(*ends, steps, rho)).tolist()
+    return [sde.T] + times[1:-1] + [eps, 0.0]  # the ends exactly, not to bisection precision
+
+
+def heun_step(sde, score_fn, x, t: float, s: float, correct: bool = True):
+    """One step of EDM's Heun sampler (Karras et al. 2022, Algorithm 1, lines 4-8) on the
+    probability-flow ODE d xbar / d sigmabar = eps_hat, xbar = x / alpha, sigmabar = sigma / alpha.
+
+    The Euler step is `ddim_step` (eta = 0); `correct` averages its slope with the slope at the
+    Euler point (the trapezoidal rule), unless sigma_s = 0 (line 7: no score at zero noise).
+    Returns (x_s, x0_hat at t).
+    """
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = (marginal_coefficients_at(sde, u) for u in (t, s))
+    h = sigma_s / alpha_s - sigma_t / alpha_t  # the step in sigmabar (< 0)
+    eps_t, x0_hat = predict_noise_and_data(sde, score_fn, x, t)
+    x_bar = x / alpha_t + h * eps_t
+    if correct and sigma_s > 0:
+        eps_s, _ = predict_noise_and_data(sde, score_fn, alpha_s * x_bar, s)
+        x_bar = x / alpha_t + h * 0.5 * (eps_t + eps_s)
+    return alpha_s * x_bar, x0_hat
+
+
+@torch.no_grad()
+def heun(
+    sde: SDE,
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shape,
+    steps: int,
+    *,
+    rho: float = 7.0,
+    eps: float = 1e-3,
+    z: torch.Tensor | None = None,
+    return_nfe: bool = False,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+    device=None,
+    dtype: torch.dtype | None = None,
+):
+    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1, no churn): `heun_step`s over
+    `edm_time_grid(sde, steps, eps, rho)` from x_T ~ prior (or `z`); the last step, to
+    sigma = 0, is Euler's.
+
+    Second order in the step: NFE = 2 steps - 1 score evaluations (returned with
+    return_nfe=True, as (x, nfe)). steps >= 2.
+    """
+    fn = "heun"
+    steps, rho, eps = check_heun_args(fn, sde, steps, rho, eps)
+    x = _initial_state(fn, sde, shape, z, generator, device, dtype)
+    grid = edm_time_grid(sde, steps, eps, rho)
+    for i in trange(steps, disable=not progress, desc=fn):
+        x, x0_hat = heun_step(sde, score_fn, x, grid[i], grid[i + 1], correct=i < steps - 1)
+        if callback is not None:
+            callback({"i": i, "t": grid[i + 1], "x": x, "x_mean": x, "denoised": x0_hat})
+    return (x, 2 * steps - 1) if return_nfe else x

@@ -209,3 +209,44 @@ def _check_mixed_args(channels, logit_init, embedding_scale) -> None:
     if not isinstance(embedding_scale, (int, float)) or not math.isfinite(embedding_scale):
         raise ValueError(f"MixedScore: embedding_scale must be a finite number, got "
                          f"{embedding_scale!r}")
+
+
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
+    """c_skip, c_out, c_in, c_noise of EDM's preconditioning at noise levels sigma [B]
+    (Karras et al. 2022, Table 1 and eq. 7): sigma_d^2 / (sigma^2 + sigma_d^2),
+    sigma sigma_d / sqrt(sigma^2 + sigma_d^2), 1 / sqrt(sigma^2 + sigma_d^2), ln(sigma) / 4."""
+    total = sigma.pow(2) + sigma_data**2
+    return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), total.rsqrt(), sigma.log() / 4
+
+
+def _check_edm_args(sigma_data) -> float:
+    if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) \
+            or not 0 < sigma_data < math.inf:
+        raise ValueError(f"EDMPrecond: sigma_data must be a finite float > 0 (the data's std; "
+                         f"EDM: 0.5 for images in [-1, 1]), got {sigma_data!r}")
+    return float(sigma_data)
+
+
+class EDMPrecond(nn.Module):
+    """EDM's preconditioned denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) around a
+    raw network F = net(x, c_noise) (Karras et al. 2022, eq. 7; `edm_coefficients`).
+
+    sigma: [B] noise levels of x = y + sigma n (the VE form; for a scalar SDE, sigma_t / alpha_t
+    applied to x_t / alpha_t). `score(x, sigma)` = (D - x) / sigma^2, the score of p(x; sigma)
+    (eq. 3). With sigma_data the data's std, F's input and target both have unit variance.
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.sigma_data = _check_edm_args(sigma_data)
+        self.net = net
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.to(x.dtype)
+        c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in
+                                        edm_coefficients(sigma, self.sigma_data))
+        return c_skip * x + c_out * self.net(c_in * x, c_noise.flatten())
+
+    def score(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """grad log p(x; sigma) = (D(x; sigma) - x) / sigma^2 (Karras et al. 2022, eq. 3)."""
+        return (self(x, sigma) - x) / append_dims(sigma.to(x.dtype), x.ndim).pow(2)
