@@ -1,3 +1,3 @@
 """lsgm_edu: score-based generative models, from score matching to LSGM and PSLD."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # shared by the book (CITATION.cff, CHANGELOG.md)

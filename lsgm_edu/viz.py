@@ -185,13 +185,15 @@ def interactive(
     ncols: int | None = None,
     panel_size: tuple[float, float] = (3.2, 3.2),
     title: str | None = None,
+    initial: Mapping | None = None,
 ) -> None:
     """Show a static figure of `plot_fn` panels, then (in a live kernel) a widget to explore it.
 
     plot_fn(ax, **params) draws one panel. controls: name -> ipywidgets widget, (min, max[, step])
     tuple or list of options, as for ipywidgets.interact. static: a dict of params, or a list
     of them: one panel each, titled with its values; controls missing from a dict take the
-    control's starting value. Displays the live widget in a kernel; returns None (so a call on a
+    control's starting value. Displays the live widget in a kernel, opened on `initial` (default:
+    the first static panel, a setting the chapter chose to show); returns None (so a call on a
     cell's last line does not show the widget twice).
     """
     if not isinstance(controls, Mapping):
@@ -231,6 +233,9 @@ def interactive(
     except ImportError:
         return
     widgets = {name: _make_widget(name, spec) for name, spec in controls.items()}
+    for name, value in (statics[0] if initial is None else initial).items():
+        if name in widgets:
+            widgets[name].value = value
 
     def draw(**params):
         fig, ax = plt.subplots(figsize=panel_size)

@@ -154,13 +154,18 @@ def test_interactive_live_branch_builds_widgets(monkeypatch, shown):
     box = displayed[0]
     controls, out = box.children
     step_w, n_w, kind_w = controls.children
-    assert step_w is slider
+    assert step_w is slider and slider.value == 0.01  # opened on the first static panel
     assert isinstance(n_w, ipywidgets.IntSlider) and (n_w.min, n_w.max, n_w.value) == (1, 20, 10)
     assert isinstance(kind_w, ipywidgets.Dropdown) and kind_w.value == "a"
     assert isinstance(out, ipywidgets.Output)
-    assert calls[-1] == (0.1, 10, "a")  # the live panel was drawn once
+    assert calls[-1] == (0.01, 10, "a")  # the live panel was drawn once
     n_w.value = 3
-    assert calls[-1] == (0.1, 3, "a")  # and redrawn on change
+    assert calls[-1] == (0.01, 3, "a")  # and redrawn on change
+    displayed.clear()
+    viz.interactive(panel, {"n": (1, 20, 1), "kind": ["a", "b"]}, [{"n": 2}],
+                    initial={"n": 15, "kind": "b"})
+    n_w, kind_w = displayed[0].children[0].children
+    assert (n_w.value, kind_w.value) == (15, "b") and calls[-1] == (0.1, 15, "b")
     float_w = viz._make_widget("eps", (0.001, 0.1, 0.001))
     assert isinstance(float_w, ipywidgets.FloatSlider) and float_w.readout_format == ".3f"
     assert plt.get_fignums() == []
