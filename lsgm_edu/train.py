@@ -877,7 +877,8 @@ class _StopAfterStep:
         import signal
         import threading
 
-        if self.enabled and threading.current_thread() is threading.main_thread():
+        if (self.enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):  # nohup, `cmd &`
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 

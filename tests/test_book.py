@@ -343,6 +343,25 @@ def test_no_chapter_splits_a_directive():
             f"{name}: {p}" for name, problems in found.items() for p in problems)
 
 
+def test_solutions_are_collapsed_in_jupyterlab():
+    """Every exercise-solution cell (source starting "# Solution to Exercise") opens collapsed
+    in JupyterLab (`jupyter.source_hidden` / `outputs_hidden`) and hidden on the website
+    (`hide-cell`), so a reader sees the solution only when they ask for it."""
+    import jupytext
+
+    solutions, open_ = 0, []
+    for chapter in CHAPTERS:
+        for i, cell in enumerate(jupytext.read(chapter).cells):
+            if cell.cell_type != "code" or not cell.source.startswith("# Solution to Exercise"):
+                continue
+            solutions += 1
+            hidden = cell.metadata.get("jupyter", {})
+            if not (hidden.get("source_hidden") and hidden.get("outputs_hidden")
+                    and "hide-cell" in cell.metadata.get("tags", [])):
+                open_.append(f"{chapter.name} cell {i}: {cell.source.splitlines()[0]}")
+    assert solutions >= 40 and not open_, open_
+
+
 def test_split_directive_check_flags_fixture():
     """tests/data/split_directive.md: a code cell inside a `::::{dropdown}` (split in two),
     one inside a ````{dropdown}` and one inside a ```{dropdown}` (left in the markdown as

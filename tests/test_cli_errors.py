@@ -47,6 +47,18 @@ def cli(*argv, cwd, timeout=300, umask=None):
                           preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
 
 
+def popen_with_ctrl_c(argv, **kw):
+    """Popen whose child takes Ctrl-C as in a terminal. A shell without job control (CI, `cmd &`)
+    starts background jobs with SIGINT ignored, and a child inherits an ignored signal across
+    exec (a handled one is reset to the default), so the parent handles it while it starts one."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                **kw)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def rewrite_tensors(sidecar: Path, change) -> None:
     """Apply `change(tensors)` to a checkpoint and record the new file's hash: a file that is
     valid safetensors with a matching SHA-256, whatever `change` put in it."""
@@ -274,11 +286,10 @@ def test_a_held_run_folder_refuses_a_second_training_with_the_holders_pid(tmp_pa
 def test_ctrl_c_saves_the_step_and_resume_continues(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
+    proc = popen_with_ctrl_c(
         [sys.executable, "-m", "lsgm_edu", "train", "--config", "digits8_ddpmpp_vp", "--out",
          str(out), "--no-progress", *SMALL_SET, "--set", "train.n_iters=100000",
-         "--set", "train.ckpt_every=100000"], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+         "--set", "train.ckpt_every=100000"], env=env)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "log.csv").is_file():
         time.sleep(0.2)
@@ -300,10 +311,9 @@ def test_ctrl_c_saves_the_step_and_resume_continues(tmp_path):
 
 def test_ctrl_c_outside_training_is_one_line(work):
     root, good = work
-    proc = subprocess.Popen(
+    proc = popen_with_ctrl_c(
         [sys.executable, "-m", "lsgm_edu", "likelihood", "--checkpoint", str(good), "--n", "500",
-         "--batch-size", "1", "--tol", "1e-3"], cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--batch-size", "1", "--tol", "1e-3"], cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"))
     while "bits/dim so far" not in proc.stderr.readline():  # the first image is done
         assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
