@@ -390,7 +390,7 @@ def test_split_directive_check_flags_broken_chapter(tmp_path: Path):
 
     chapter = REPO / "book" / "08_score_models_for_images.md"
     text = chapter.read_text(encoding="utf-8")
-    pattern = re.compile(r"^::::\n\n(```\{code-cell\} ipython3\n:tags: \[hide-cell\]\n.*?^```\n)",
+    pattern = re.compile(r"^::::\n\n(```\{code-cell\} ipython3\n[^`]*?hide-cell.*?^```\n)",
                          flags=re.MULTILINE | re.DOTALL)
     assert pattern.search(text), (f"{chapter.name} no longer has a dropdown followed by a "
                                   "hidden solution cell; update this test")
