@@ -755,7 +755,7 @@ def annealed_langevin(
 
 def check_scalar_marginals(fn: str, sde) -> None:
     """Refuse an SDE whose kernel is not N(alpha_t x0, sigma_t^2 I) with scalar alpha, sigma."""
-    if getattr(sde, "K", None) != 1 or not hasattr(sde, "marginal_coefficients"):
+    if not sde.scalar_marginals:
         raise ValueError(
             f"{fn}: needs an SDE with scalar marginals x_t = alpha_t x0 + sigma_t eps (K = 1: "
             f"VPSDE, SubVPSDE, VESDE, GeometricVPSDE), got {sde!r} with K = "

@@ -80,6 +80,7 @@ class SDE(abc.ABC):
     numerical_eps: float = 0.0  # added to the diagonal of every kernel covariance
     factorization: str = "lower"  # the kernel's scale: lower Cholesky L, or upper U (U U^T = cov)
     supports_splitting: bool = False  # SSCS: hamiltonian_reversed() and dissipation_drift()
+    scalar_marginals: bool = False  # kernel N(alpha_t x0, sigma_t^2 I): marginal_coefficients()
     variance_preserving: bool = False  # alpha^2 + sigma^2 = 1: LSGM's importance samplers of t
 
     def __init__(self, N: int = 1000):
@@ -289,6 +290,7 @@ class ScalarSDE(SDE):
     """
 
     K = 1
+    scalar_marginals = True
     prior_std: float = 1.0
 
     @abc.abstractmethod
