@@ -21,7 +21,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 LAB_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install lab notebooks test test-heavy check-book screenshots site bench clean
+.PHONY: help install lab notebooks test test-heavy check-book screenshots timing site bench clean
 
 help:
 	@sed -n '2,5p' Makefile | sed 's/^# *//'
@@ -36,10 +36,16 @@ $(STAMP): pyproject.toml Makefile tools/jupyterlab/overrides.json
 
 install: $(STAMP)
 
-# Paired .ipynb copies of the chapters (git-ignored, pairing in book/jupytext.toml) for readers
-# whose Jupyter lacks jupytext; --update keeps outputs saved there and never rewrites the .md.
-notebooks: $(STAMP)
-	$(BIN)/jupytext --quiet --to ipynb --update $(CHAPTERS)
+# The chapters as readers open them: book/NN_slug.ipynb (git-ignored), citations written out in
+# author-year form with a References list at the end (jupyterlab-myst cannot read
+# references.bib), not paired with the .md (saving never rewrites a chapter). A notebook is
+# rebuilt only when its chapter, the bibliography or the tool is newer, keeping the outputs of
+# unchanged cells; a notebook the reader saved since is left as it is.
+NOTEBOOKS := $(CHAPTERS:.md=.ipynb)
+notebooks: $(NOTEBOOKS)
+
+book/%.ipynb: book/%.md book/references.bib tools/reader_notebook.py | $(STAMP)
+	$(PY) tools/reader_notebook.py $<
 
 lab: notebooks
 	$(BIN)/jupyter lab book/ --ip=127.0.0.1 $(ROOT_FLAG) $(LAB_ARGS)
@@ -55,10 +61,8 @@ lab: notebooks
 # pytest exits non-zero when it collects nothing.
 test: $(STAMP)
 	$(BIN)/ruff check lsgm_edu tests tools benchmarks conftest.py
-	rm -rf $(BUILD)/notebooks && mkdir -p $(BUILD)/notebooks
-	for f in $(CHAPTERS); do \
-	  $(BIN)/jupytext --quiet --to ipynb -o $(BUILD)/notebooks/$$(basename $${f%.md}).ipynb $$f || exit 1; \
-	done
+	rm -rf $(BUILD)/notebooks
+	$(PY) tools/reader_notebook.py --out $(BUILD)/notebooks $(CHAPTERS)
 	LSGM_EDU_FAST=1 $(PY) -m pytest tests $(BUILD)/notebooks --nbval-lax -m "not heavy" \
 	  --durations=15 $(PYTEST_ARGS)
 
@@ -78,6 +82,13 @@ check-book: $(STAMP)
 #   $(PY) tools/screenshot_book.py --fast --outputs $(BUILD)/executed $(CHAPTERS)
 screenshots: $(STAMP)
 	LSGM_EDU_FAST=1 $(PY) tools/screenshot_book.py --fast $(CHAPTERS)
+
+# A reader's Run All of every chapter in JupyterLab, fast mode, timed against the two-minute
+# budget (a benchmark, minutes): prints the table, saves it with the machine to
+# benchmarks/results/run_all_fast_cpu.json.
+timing: $(STAMP)
+	LSGM_EDU_FAST=1 $(PY) tools/screenshot_book.py --fast --max-shots 1 --timeout 600 \
+	  --outdir $(BUILD)/timing --timings benchmarks/results/run_all_fast_cpu.json $(CHAPTERS)
 
 # jupyter book build --html --execute, with the fixes in tools/build_site.py (allow-root, cleanup)
 site: $(STAMP)

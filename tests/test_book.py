@@ -293,6 +293,10 @@ BREAKAGES = {
     "role": ("book/01_scores_and_langevin.md", None, "A {nosuchrole}`x` here.", "nosuchrole"),
     "duplicate-label": ("book/01_scores_and_langevin.md", None,
                         "(ch-scores-langevin)=\n## Again", "ch-scores-langevin"),
+    "notebook-download": ("book/13_scaling_up.md",
+                          (("  - file: ../_build/notebooks/13_scaling_up.ipynb\n"
+                            "    title: Notebook (.ipynb)\n"), ""), None,
+                          "book/13_scaling_up.md: the page offers"),
     "chapter-not-in-index": ("book/index.md", ("](#ch-scaling)", "](https://example.org)"),
                              None, "13_scaling_up.md: not listed in book/index.md"),
 }
@@ -370,7 +374,9 @@ def test_split_directive_check_flags_fixture():
 
     nb = jupytext.read(SPLIT_FIXTURE)
     problems = split_directives(nb.cells)
-    assert [c.cell_type for c in nb.cells] == ["markdown", "code", "markdown", "code", "markdown"]
+    # (then an open solution and a citation JupyterLab cannot resolve, for the browser check)
+    assert [c.cell_type for c in nb.cells] == ["markdown", "code", "markdown", "code", "markdown",
+                                               "code", "markdown"]
     assert any(p.startswith("cell 3 (markdown): opens a fence it does not close") and
                "{dropdown}" in p for p in problems), problems
     assert any(p.startswith("cell 5 (markdown): starts with a bare fence") for p in problems), \
@@ -473,9 +479,18 @@ def test_make_lab_serves_the_book(tmp_path: Path):
                                 start_new_session=True)
         try:
             check_lab(f"http://127.0.0.1:{port}", token, proc, tmp_path / "lab.log")
+            # the reader's notebook `make lab` built beside the chapter: citations written out
+            status, body = http_get(f"http://127.0.0.1:{port}/api/contents/"
+                                    f"{CHAPTER1.stem}.ipynb?content=1&token={token}", timeout=30)
         finally:
             code = stop_process_group(proc)
     assert code is not None, "JupyterLab did not exit after SIGTERM/SIGKILL"
+    assert status == 200, body[:500]
+    notebook = json.loads(body)["content"]
+    markdown = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "markdown"]
+    assert markdown[-1].startswith("## References") and "et al." in "".join(markdown)
+    assert not [m for m in markdown if "{cite" in m]
+    assert "jupytext" not in notebook["metadata"]  # not paired with the chapter
 
 
 # --- every chapter in a real browser --------------------------------------------------------
@@ -597,7 +612,9 @@ def test_chapter_renders_in_jupyterlab(chapter: Path, jupyterlab_run):
 def test_jupyterlab_check_flags_split_directive(tmp_path: Path):
     """The browser check, on tests/data/split_directive.md run in JupyterLab, fails the
     raw-MyST check (the halves of the split directives show as text, the markdown after a
-    lone closing fence as a code block) and the split-directive check, and passes the rest."""
+    lone closing fence as a code block), the split-directive check, the citation check (a
+    role JupyterLab cannot resolve) and the solution check (a solution left open), and passes
+    the rest."""
     if find_chromium() is None:
         pytest.skip("headless Chromium not found")
     results = tmp_path / "results.json"
@@ -612,7 +629,13 @@ def test_jupyterlab_check_flags_split_directive(tmp_path: Path):
     assert raw and all(s in raw for s in ("{dropdown}", "{code-cell}", ":::")), out
     split = next((f for f in result["failed"] if f.startswith("no MyST directive split")), "")
     assert "opens a fence it does not close" in split and "starts with a bare fence" in split, out
+    # a citation role the reader's notebook leaves as it is: "Citation Not Found" in JupyterLab
+    cite = next((f for f in result["failed"] if f.startswith("citations render")), "")
+    assert "1 unresolved citation role" in cite, out
+    # a solution cell without its collapsing options shows its code
+    solution = next((f for f in result["failed"] if f.startswith("exercise solutions")), "")
+    assert "Solution to Exercise 4" in solution, out
     # nothing else is wrong with it but its lack of images
-    assert len(result["failed"]) == 3 and any(f.startswith("at least one image output")
+    assert len(result["failed"]) == 5 and any(f.startswith("at least one image output")
                                                for f in result["failed"]), result["failed"]
     assert any(p.startswith("every code cell ran") for p in result["passed"]), out

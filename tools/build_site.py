@@ -6,7 +6,8 @@
     python tools/build_site.py --no-execute    # without running the notebooks
     python tools/build_site.py -- --strict     # extra arguments for `jupyter book build`
 
-What it adds to the plain command: the notebooks are executed by a Jupyter server that
+What it adds to the plain command: each chapter's downloadable notebook is written first
+(_build/notebooks/, tools/reader_notebook.py: citations in author-year form); the notebooks are executed by a Jupyter server that
 mystmd starts with the first `python` on PATH, so this environment's bin folder goes first on
 PATH; as root that server needs `allow_root` (set through a scratch JUPYTER_CONFIG_DIR); and
 mystmd leaves that server running after the build (and the server starts each kernel in a
@@ -23,7 +24,7 @@ from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
-from check_book import execution_env, run_supervised
+from check_book import execution_env, run_supervised, write_download_notebooks
 
 REPO = TOOLS.parent
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd.append("--execute")
         env = execution_env(env, REPO / ".build")
     cmd += args.extra
+    write_download_notebooks(REPO)  # _build/notebooks/: each chapter's `downloads`
     print("+", " ".join(cmd[1:]), flush=True)
     try:
         return run_supervised(cmd, REPO, env, capture=False)[0]

@@ -41,6 +41,7 @@ import time
 import uuid
 from pathlib import Path
 
+import reader_notebook
 import yaml
 
 TOOLS = Path(__file__).resolve().parent
@@ -124,6 +125,14 @@ def prepare(root: Path, work: Path) -> dict:
     project["error_rules"] = rules
     (work / "myst.yml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return config
+
+
+def write_download_notebooks(root: Path) -> list[Path]:
+    """The chapters' reader's notebooks (tools/reader_notebook.py, no outputs) in
+    `root/_build/notebooks/`: the website offers each chapter as one (its `downloads`)."""
+    chapters = sorted((root / "book").glob("[0-9][0-9]_*.md"))
+    return reader_notebook.build(chapters, root / "_build" / "notebooks",
+                                 reader_notebook.Bibliography(root / "book" / "references.bib"))
 
 
 def chapters_missing_from_index(root: Path, toc: list[str]) -> list[str]:
@@ -470,6 +479,25 @@ def missing_outputs(content: Path, toc: list[str]) -> list[str]:
     return problems
 
 
+def missing_downloads(content: Path, toc: list[str]) -> list[str]:
+    """Chapters whose page does not offer their notebook (.ipynb) and source (.md) for
+    download (the `downloads` of the chapter's front matter)."""
+    problems = []
+    for page in content.glob("*.json"):
+        data = json.loads(page.read_text(encoding="utf-8"))
+        rel = str(data.get("location", "")).lstrip("/")
+        if rel not in toc or not re.match(r"^\d\d_", Path(rel).name):
+            continue
+        offered = {d.get("filename") for d in data["frontmatter"].get("downloads") or []
+                   if d.get("static")}
+        wanted = {Path(rel).stem + ".ipynb", Path(rel).name}
+        if not wanted <= offered:
+            problems.append(f"{rel}: the page offers {sorted(offered) or 'no download'}, "
+                            f"not {sorted(wanted)}; add them to the chapter's front matter "
+                            "`downloads:` (file: ../_build/notebooks/<chapter>.ipynb and the .md)")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=TOOLS.parent,
@@ -513,6 +541,10 @@ def check(root: Path, args: argparse.Namespace) -> int:
             if not (root / f).is_file():
                 problems.append(f"myst.yml: toc lists {f}, which does not exist")
         problems += chapters_missing_from_index(root, toc)
+        try:
+            write_download_notebooks(work)
+        except reader_notebook.CitationError as err:
+            problems.append(str(err))
 
         if args.outputs is not None:
             unusable = attach_outputs(root, work, config, args.outputs.resolve())
@@ -546,6 +578,8 @@ def check(root: Path, args: argparse.Namespace) -> int:
             problems.append("the build wrote no page content (_build/site/content is empty)")
         if rc == 0 and (args.outputs is not None or args.execute):
             problems += missing_outputs(content, toc)
+        if rc == 0:
+            problems += missing_downloads(content, toc)
 
         elapsed = time.monotonic() - start
         for w in warnings:

@@ -12,18 +12,20 @@ and one headless Chromium visits them in turn. For each chapter it
 
 (a) double-clicks the chapter in JupyterLab's file browser, checks it opened as a NOTEBOOK
     (not as a text file) with code cells, and saves `jupyterlab_chapterN_notebook.png`;
-(b) renders the chapter with outputs, in one of two ways:
+(b) opens the chapter's reader's notebook (tools/reader_notebook.py: what `make notebooks`
+    writes, citations rendered, written to a temporary folder under the root) and renders it
+    with outputs, in one of two ways:
     - run in the UI (every chapter by default; with --outputs, the chapters named by --run):
       runs all cells from the Run menu, waits until every code cell has run and the kernel is
       idle, and checks that the ipywidgets render;
     - from its executed notebook (--outputs DIR: DIR/<stem>.ipynb, as the notebook tests save
-      them to .build/executed/): the chapter as jupytext reads it now, with those outputs
-      attached, is written to a temporary folder under the root and opened in JupyterLab;
-      nothing is executed. A missing or stale executed notebook (its code cells differ from
-      the chapter's) fails the chapter;
+      them to .build/executed/): those outputs are attached; nothing is executed. A missing or
+      stale executed notebook (its code cells differ from the chapter's) fails the chapter;
     then checks that no cell raised, that math is typeset, that MyST cross-references,
     roles and directives are resolved (no raw `[](#`, `{eq}`, `{math}`, `:::{`, `{dropdown}`,
-    lone fences... left in the rendered markdown, its code blocks included), that no directive
+    lone fences... left in the rendered markdown, its code blocks included), that citations
+    read author-year with a References list (no "Citation Not Found"), that every exercise
+    solution is collapsed (code and outputs hidden), that no directive
     is split across cells (`split_directives`: what jupytext makes of a code cell written
     inside a directive; tests/test_book.py applies it to every chapter offline too) and
     that there is at least one image output, and saves the whole notebook as
@@ -60,6 +62,7 @@ TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 import install_lab_settings
+import reader_notebook
 from check_book import BUILD_ID_VAR, end_build, start_watchdog
 
 CHROMIUM_ARGS = [
@@ -395,6 +398,22 @@ JS_RENDER = """
     xrefNotFound: Array.from(nb.querySelectorAll('[title="Cross Reference Not Found"]'))
       .map(e => e.innerText.trim()),
     citeNotFound: nb.querySelectorAll('[title="Citation Not Found"]').length,
+    references: Array.from(nb.querySelectorAll('.jp-MarkdownCell h2'))
+      .some(h => h.textContent.trim().startsWith('References')),
+    // exercise solutions: collapsed (input and outputs) until the reader opens them
+    solutions: (() => {
+      const w = window.jupyterapp.shell.currentWidget;
+      const cells = w && w.content && w.content.widgets ? Array.from(w.content.widgets) : [];
+      const shown = e => !!e && e.getClientRects().length > 0;
+      return cells.filter(c => c.model.type === 'code' &&
+                          c.model.sharedModel.getSource().startsWith('# Solution to Exercise'))
+        .map(c => ({title: c.model.sharedModel.getSource().split('\\n')[0],
+                    inputHidden: c.inputHidden, outputHidden: c.outputHidden,
+                    outputs: c.model.outputs.length,
+                    codeShown: shown(c.node.querySelector('.jp-InputArea-editor')),
+                    outputShown: Array.from(c.node.querySelectorAll('.jp-OutputArea-output'))
+                      .some(shown)}));
+    })(),
     links: md.flatMap(e => Array.from(e.querySelectorAll('a')))
       // an equation's own permalink "(n)" is an anchor, not a cross-reference
       .filter(a => !/^Link to this/.test(a.getAttribute('title') || ''))
@@ -420,6 +439,7 @@ class Checks:
         self.log: list[str] = []
         self.screenshots: list[Path] = []
         self.seconds = 0.0
+        self.run_all_seconds: float | None = None  # Run All to idle, when run in the UI
         self.done = False  # visited (whether or not the checks passed)
 
     def say(self, line: str) -> None:
@@ -434,6 +454,8 @@ class Checks:
     def as_json(self) -> dict:
         return {"mode": self.mode, "ok": not self.failed, "passed": self.passed,
                 "failed": self.failed, "seconds": round(self.seconds, 1),
+                "run_all_seconds": (None if self.run_all_seconds is None
+                                    else round(self.run_all_seconds, 1)),
                 "screenshots": [str(p) for p in self.screenshots], "log": self.log}
 
 
@@ -606,8 +628,10 @@ def open_by_double_click(page, server: LabServer, chapter: Path, checks: Checks)
     return info
 
 
-def check_rendered(page, checks: Checks, code: list[dict], live_widgets: bool) -> None:
-    """The checks of (b) on the current notebook, `code` being its code cells' state."""
+def check_rendered(page, checks: Checks, code: list[dict], live_widgets: bool,
+                   cites: bool = False) -> None:
+    """The checks of (b) on the current notebook, `code` being its code cells' state and
+    `cites` whether the chapter cites anything."""
     errors = [f"code cell {i}: {o['ename']}: {o['evalue']}" for i, c in enumerate(code, 1)
               for o in c["outputs"] if o["type"] == "error"]
     checks.check(not errors, "no cell raised", "; ".join(errors)[:500])
@@ -629,9 +653,27 @@ def check_rendered(page, checks: Checks, code: list[dict], live_widgets: bool) -
     checks.check(bool(render.get("cells")) and not split,
                  "no MyST directive split across cells (a code cell written inside a directive)",
                  "; ".join(split)[:600] if split else f"{len(render.get('cells', []))} cells")
+    # jupyterlab-myst does not read references.bib: the reader's notebook has the citations
+    # written out (tools/reader_notebook.py); a role left in it shows as "Citation Not Found"
+    checks.check(not render.get("citeNotFound") and render.get("references", False) == cites,
+                 "citations render as author-year, with a References list",
+                 f"{render.get('citeNotFound', 0)} unresolved citation role(s); References "
+                 f"list {'shown' if render.get('references') else 'absent'}, the chapter "
+                 f"{'cites' if cites else 'cites nothing'}")
+    # Opened, a solution shows neither code nor outputs. Run in the UI, its outputs show:
+    # JupyterLab unhides a cell's outputs whenever it executes it (CodeCell.execute).
+    solutions = render.get("solutions", [])
+    ran = live_widgets
+    shown = [s["title"] for s in solutions if not s["inputHidden"] or s["codeShown"]
+             or (not ran and (not s["outputHidden"] or s["outputShown"]))]
+    checks.check(not shown, "exercise solutions are collapsed "
+                 + ("(code; JupyterLab shows the outputs of cells it runs)" if ran else
+                    "(code and outputs)"),
+                 "shown: " + "; ".join(shown) if shown else
+                 f"{len(solutions)} solution cell(s), "
+                 f"{sum(s['outputs'] > 0 for s in solutions)} with outputs")
     # `[](#label)` with no target renders as a link whose text is "#label"; `{eq}` and
-    # friends as a "Cross Reference Not Found" marker. Citations are not checked here:
-    # jupyterlab-myst does not read references.bib (check_book.py checks them).
+    # friends as a "Cross Reference Not Found" marker.
     unresolved = [f'{a["href"]} (in "{a.get("context", "")[:400]}")'
                   for a in render.get("links", [])
                   if a["href"].startswith("#") and (not a["text"] or a["text"] == a["href"])]
@@ -662,10 +704,10 @@ def take_screenshots(page, checks: Checks, outdir: Path, tag: str, max_shots: in
     checks.say(f"  wrote {len(shots)} screenshot(s): {shots[0].name} ... {shots[-1].name}")
 
 
-def run_in_ui(page, checks: Checks, info: dict, outdir: Path, tag: str, timeout: float,
-              max_shots: int) -> None:
-    """(a) then (b) for a chapter run in the UI: its panel is open (`info`)."""
-    # outputs saved in a paired .ipynb would make cells look executed already
+def run_in_ui(page, checks: Checks, outdir: Path, tag: str, timeout: float,
+              max_shots: int, cites: bool) -> None:
+    """(b) for a chapter run in the UI: its reader's notebook is open."""
+    # outputs saved in the notebook would make cells look executed already
     stale = page.evaluate(
         "() => { const w = window.jupyterapp.shell.currentWidget; let n = 0;"
         " for (const c of w.content.model.cells) { if (c.type !== 'code') continue;"
@@ -673,18 +715,11 @@ def run_in_ui(page, checks: Checks, info: dict, outdir: Path, tag: str, timeout:
         "   c.outputs.clear(); c.executionCount = null; }"
         " return n; }")
     if stale:
-        checks.say(f"  cleared saved outputs of {stale} cell(s) (from a paired .ipynb)")
+        checks.say(f"  cleared saved outputs of {stale} cell(s)")
     kernel = wait_for(page, "() => { const f = " + JS_PANEL + "; const r = f();"
                       " return r && r.kernel === 'idle' ? r : null; }", 90)
     checks.check(bool(kernel), "kernel started and idle",
                  (kernel or {}).get("kernelName") or "no kernel")
-    page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell", timeout=30000)
-    wait_rendered(page, 30)
-    first = outdir / f"jupyterlab_{tag}_notebook.png"
-    page.screenshot(path=str(first))
-    checks.screenshots.append(first)
-    checks.say(f"  wrote {first}")
-
     how = click_run_all(page)
     checks.say(f"  running all cells ({how}), timeout {timeout:.0f} s")
     t0 = time.monotonic()
@@ -696,6 +731,7 @@ def run_in_ui(page, checks: Checks, info: dict, outdir: Path, tag: str, timeout:
     time.sleep(2)
     state = wait_for(page, done_js, timeout, poll_s=2.0)
     elapsed = time.monotonic() - t0
+    checks.run_all_seconds = elapsed
     if not state:
         state = page.evaluate("() => { const f = " + JS_PANEL + "; return f(); }")
     code = [c for c in (state or {}).get("cells", []) if c["type"] == "code"]
@@ -705,43 +741,44 @@ def run_in_ui(page, checks: Checks, info: dict, outdir: Path, tag: str, timeout:
                  + ("" if state and state.get("kernel") == "idle" else ", kernel still busy"))
     time.sleep(1)  # late widget views
     wait_rendered(page, 30)  # late typesetting / image decoding
-    check_rendered(page, checks, code, live_widgets=True)
+    check_rendered(page, checks, code, live_widgets=True, cites=cites)
     take_screenshots(page, checks, outdir, tag, max_shots)
 
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
-def executed_copy(chapter: Path, outputs: Path, dest: Path) -> tuple[Path | None, str]:
-    """The chapter as jupytext reads it now with the outputs of `outputs/<stem>.ipynb`
-    attached, written to `dest/<stem>.ipynb` beside links to the chapter's folders (images/),
-    so that relative links resolve. Returns (path, "") or (None, why there is none)."""
-    import jupytext
+def reader_copy(chapter: Path, outputs: Path | None, dest: Path,
+                bib: reader_notebook.Bibliography) -> tuple[Path | None, str]:
+    """The chapter as readers open it (tools/reader_notebook.py: citations rendered), with the
+    outputs of `outputs/<stem>.ipynb` attached when `outputs` is given, written to
+    `dest/<stem>.ipynb` beside links to the chapter's folders (images/), so that relative links
+    resolve. Returns (path, "") or (None, why there is none)."""
     import nbformat
 
-    stored_path = outputs / f"{chapter.stem}.ipynb"
-    if not stored_path.is_file():
-        return None, (f"no executed notebook {stored_path} (the chapter's notebook test did "
-                      "not run in this session, or one of its cells failed)")
-    nb = jupytext.read(chapter)
-    stored = nbformat.read(stored_path, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    ran = [c for c in stored.cells if c.cell_type == "code"]
-    if [c.source for c in code] != [c.source for c in ran]:
-        return None, (f"the outputs in {stored_path} are stale (its code cells differ from "
-                      "the chapter's); run the chapter again")
-    for cell, done in zip(code, ran):
-        cell.outputs = done.get("outputs", [])
-        cell.execution_count = done.get("execution_count")
-        for out in cell.outputs:
-            if out.get("output_type") == "execute_result":  # its prompt: Out[n], as run
-                out["execution_count"] = cell.execution_count
-            # No widget state is saved with the outputs (there is no kernel to ask for it):
-            # show what a static view shows, the text fallback, not "model not found".
-            data = out.get("data", {})
-            if WIDGET_MIME in data and len(data) > 1:
-                del data[WIDGET_MIME]
-    nb.metadata.pop("jupytext", None)  # a plain notebook, not paired with anything
+    nb = reader_notebook.reader_notebook(chapter, bib)
+    if outputs is not None:
+        stored_path = outputs / f"{chapter.stem}.ipynb"
+        if not stored_path.is_file():
+            return None, (f"no executed notebook {stored_path} (the chapter's notebook test "
+                          "did not run in this session, or one of its cells failed)")
+        stored = nbformat.read(stored_path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        ran = [c for c in stored.cells if c.cell_type == "code"]
+        if [c.source for c in code] != [c.source for c in ran]:
+            return None, (f"the outputs in {stored_path} are stale (its code cells differ from "
+                          "the chapter's); run the chapter again")
+        for cell, done in zip(code, ran):
+            cell.outputs = done.get("outputs", [])
+            cell.execution_count = done.get("execution_count")
+            for out in cell.outputs:
+                if out.get("output_type") == "execute_result":  # its prompt: Out[n], as run
+                    out["execution_count"] = cell.execution_count
+                # No widget state is saved with the outputs (there is no kernel to ask for
+                # it): show what a static view shows, the text fallback, not "model not found".
+                data = out.get("data", {})
+                if WIDGET_MIME in data and len(data) > 1:
+                    del data[WIDGET_MIME]
     dest.mkdir(parents=True, exist_ok=True)
     for entry in chapter.parent.iterdir():
         if entry.is_dir() and not entry.name.startswith(".") and not (dest / entry.name).exists():
@@ -751,29 +788,36 @@ def executed_copy(chapter: Path, outputs: Path, dest: Path) -> tuple[Path | None
     return path, ""
 
 
-def render_outputs(page, server: LabServer, checks: Checks, copy: Path, outdir: Path, tag: str,
-                   max_shots: int) -> None:
-    """(b) for a chapter with an executed copy: open it, check it, screenshot it."""
+def open_notebook(page, server: LabServer, checks: Checks, copy: Path) -> bool:
+    """Open the reader's notebook `copy` in JupyterLab (the Notebook viewer)."""
     rel = copy.relative_to(server.root).as_posix()
     page.evaluate("(path) => { window.jupyterapp.commands.execute('docmanager:open',"
                   " {path, factory: 'Notebook'}); return true; }", rel)
     info = wait_for(page, PANEL_AT_JS, 60, poll_s=0.5, arg=rel)
     if not checks.check(bool(info) and info.get("kind") == "notebook",
-                        "its executed notebook opens in JupyterLab",
+                        "the reader's notebook opens in JupyterLab",
                         f"{rel}: {info.get('kind') if info else 'nothing'}"):
-        return
+        return False
     page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell", timeout=30000)
+    return True
+
+
+def render_outputs(page, checks: Checks, outdir: Path, tag: str, max_shots: int,
+                   cites: bool) -> None:
+    """(b) for a chapter with an executed copy, open: check it, screenshot it."""
     progress = wait_rendered(page, 60) or {}
     checks.say(f"  rendered {progress.get('rendered')}/{progress.get('markdown')} markdown "
                f"cells, {progress.get('decoded')}/{progress.get('images')} image outputs")
     state = page.evaluate("() => { const f = " + JS_PANEL + "; return f(); }") or {}
     code = [c for c in state.get("cells", []) if c["type"] == "code"]
-    check_rendered(page, checks, code, live_widgets=False)
+    check_rendered(page, checks, code, live_widgets=False, cites=cites)
     take_screenshots(page, checks, outdir, tag, max_shots)
 
 
 def visit_chapter(page, server: LabServer, chapter: Path, checks: Checks, copy: Path | None,
                   outdir: Path, timeout: float, max_shots: int) -> None:
+    """(a) the chapter opens as a notebook on double-click; (b) its reader's notebook `copy`
+    (with outputs, or run in the UI) renders and passes the checks."""
     tag = chapter_tag(chapter)
     for old in outdir.glob(f"offline_{tag}_rendered*.png"):
         old.unlink()
@@ -784,9 +828,6 @@ def visit_chapter(page, server: LabServer, chapter: Path, checks: Checks, copy: 
     if info is None:
         page.screenshot(path=str(outdir / f"jupyterlab_{tag}_notebook.png"))
         return
-    if checks.mode == "run":
-        run_in_ui(page, checks, info, outdir, tag, timeout, max_shots)
-        return
     page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell", timeout=30000)
     wait_rendered(page, 30, first_screen=True)
     first = outdir / f"jupyterlab_{tag}_notebook.png"
@@ -794,8 +835,13 @@ def visit_chapter(page, server: LabServer, chapter: Path, checks: Checks, copy: 
     checks.screenshots.append(first)
     checks.say(f"  wrote {first}")
     page.evaluate(CLOSE_ALL_JS)
-    if copy is not None:
-        render_outputs(page, server, checks, copy, outdir, tag, max_shots)
+    if copy is None or not open_notebook(page, server, checks, copy):
+        return
+    cites = bool(reader_notebook.CITE.search(chapter.read_text(encoding="utf-8")))
+    if checks.mode == "run":
+        run_in_ui(page, checks, outdir, tag, timeout, max_shots, cites)
+    else:
+        render_outputs(page, checks, outdir, tag, max_shots, cites)
 
 
 class BrowserPages:
@@ -857,6 +903,42 @@ def write_results(path: Path | None, results: dict[Path, Checks], root: Path,
     tmp.replace(path)
 
 
+RUN_ALL_BUDGET_S = 120.0  # a reader's Run All of a chapter in fast mode, on two cores
+
+
+def run_all_table(timed: dict[Path, float], fast: bool) -> str:
+    """Markdown table: each chapter's Run All time in JupyterLab against the budget."""
+    mode = "fast" if fast else "default"
+    lines = [f"Run All in JupyterLab ({mode} mode, {os.cpu_count()} CPU cores)", "",
+             f"| chapter | Run All (s) | within {RUN_ALL_BUDGET_S:.0f} s |", "|---|---:|:---:|"]
+    lines += [f"| {c.name} | {s:.1f} | {'yes' if s <= RUN_ALL_BUDGET_S else 'NO'} |"
+              for c, s in timed.items()]
+    return "\n".join(lines)
+
+
+def write_timings(path: Path, timed: dict[Path, float], fast: bool, root: Path) -> None:
+    import platform
+
+    import torch
+
+    record = {
+        "what": "a reader's Run All of each chapter in JupyterLab (tools/screenshot_book.py): "
+                "seconds from the Run menu to every code cell run and the kernel idle",
+        "mode": "fast (LSGM_EDU_FAST=1)" if fast else "default",
+        "budget_s": RUN_ALL_BUDGET_S,
+        "device": {"cpu": platform.processor() or platform.machine(),
+                   "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                   "torch": torch.__version__, "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+        "chapters": {c.relative_to(root).as_posix(): round(s, 1) for c, s in timed.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("chapters", nargs="*", type=Path,
@@ -881,6 +963,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the kernel with LSGM_EDU_FAST=1 (the tests' fast mode)")
     parser.add_argument("--max-shots", type=int, default=40,
                         help="at most this many scrolled screenshots per chapter")
+    parser.add_argument("--timings", type=Path, default=None, metavar="FILE",
+                        help="write the Run All time of each chapter run in the UI as JSON "
+                             "(with the machine), e.g. benchmarks/results/run_all_fast_cpu.json")
     parser.add_argument("--width", type=int, default=1440)
     parser.add_argument("--height", type=int, default=1000)
     args = parser.parse_args(argv)
@@ -925,13 +1010,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[Path, Checks] = {
         c: Checks("outputs" if args.outputs is not None and c not in to_run else "run")
         for c in chapters}
-    # the executed copies: under the root, for JupyterLab to open them
-    copies_dir = None
-    if any(checks.mode == "outputs" for checks in results.values()):
-        remove_stale_copies(root / ".build")
-        (root / ".build").mkdir(exist_ok=True)
-        copies_dir = Path(tempfile.mkdtemp(prefix=f"{COPIES_PREFIX}{os.getpid()}_",
-                                           dir=root / ".build"))
+    # the reader's notebooks (with outputs, or to run): under the root, for JupyterLab
+    remove_stale_copies(root / ".build")
+    (root / ".build").mkdir(exist_ok=True)
+    copies_dir = Path(tempfile.mkdtemp(prefix=f"{COPIES_PREFIX}{os.getpid()}_",
+                                       dir=root / ".build"))
+    bib = reader_notebook.Bibliography()
     server = LabServer(root, outdir / "jupyterlab_server.log", fast=args.fast)
     try:
         server.start()
@@ -942,12 +1026,12 @@ def main(argv: list[str] | None = None) -> int:
                 for chapter in chapters:
                     checks = results[chapter]
                     t0 = time.monotonic()
-                    copy = None
-                    if checks.mode == "outputs":
-                        folder = copies_dir / chapter.parent.relative_to(root)
-                        copy, problem = executed_copy(chapter, args.outputs.resolve(), folder)
-                        checks.check(copy is not None, "has an executed notebook to render",
-                                     problem or str(copy.relative_to(root)))
+                    folder = copies_dir / chapter.parent.relative_to(root)
+                    outputs = args.outputs.resolve() if checks.mode == "outputs" else None
+                    copy, problem = reader_copy(chapter, outputs, folder, bib)
+                    checks.check(copy is not None, "has an executed notebook to render"
+                                 if outputs else "its reader's notebook is built",
+                                 problem or str(copy.relative_to(root)))
                     pages.errors.clear()
                     page = pages.get()
                     try:
@@ -980,8 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         server.stop()
-        if copies_dir is not None:
-            shutil.rmtree(copies_dir, ignore_errors=True)
+        shutil.rmtree(copies_dir, ignore_errors=True)
 
     ok = True
     for chapter, checks in results.items():
@@ -995,6 +1078,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{chapter.name}: all {len(checks.passed)} checks passed")
     write_results(args.results, results, root)
+    timed = {c: r.run_all_seconds for c, r in results.items() if r.run_all_seconds is not None}
+    if timed:
+        print(run_all_table(timed, args.fast))
+        if args.timings is not None:
+            write_timings(args.timings, timed, args.fast, root)
     print(f"screenshots in {outdir}")
     return 0 if ok else 1
 
