@@ -10,6 +10,10 @@ importance-weighted mean). Weightings and time samplers are objects passed in, n
 `weight(t)` is 1 / q(t), so the importance-weighted mean is an unbiased estimate of the
 time integral ∫_eps^T E[ℓ(x, t)] dt whatever the sampler; with `UniformTimeSampler` it is the
 constant T - eps, i.e. the plain mean rescaled to the integral.
+
+Two objectives written in other variables close the module: EDM's denoiser loss over noise
+levels σ (Karras et al. 2022) and the terms of the DDPM ELBO, a diffusion read as a
+hierarchical VAE (Ho et al. 2020).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from collections.abc import Callable
 
 import torch
 
-from .checks import check_callable, check_like
+from .checks import check_callable, check_float, check_int, check_like, check_time
+from .nets.precond import edm_coefficients
 from .sde import SDE
-from .utils import phase_apply, phase_outer, randn_like
+from .utils import append_dims, phase_apply, phase_outer, randn_like
 
 __all__ = [
     "DropAllTimeSampler",
@@ -32,7 +37,14 @@ __all__ = [
     "UniformTimeSampler",
     "UnitWeighting",
     "VarianceTimeSampler",
+    "ddpm_elbo_terms",
+    "ddpm_eps_weight",
+    "ddpm_reverse_model",
     "denoising_score_matching",
+    "diffusion_posterior",
+    "edm_loss",
+    "edm_loss_weight",
+    "edm_training_sigmas",
     "explicit_score_matching",
     "implicit_score_matching",
     "sliced_score_matching",
@@ -602,3 +614,155 @@ def time_sampler(name: str, sde: SDE, eps: float):
         raise ValueError(f"time_sampler: unknown name {name!r}; choose one of "
                          f"{', '.join(_TIME_SAMPLERS)}")
     return _TIME_SAMPLERS[name](sde, eps)
+
+
+# --- EDM's denoiser loss (Karras et al. 2022) -----------------------------------------------
+
+
+def _check_edm_loss_args(fn: str, y, sigma, sigma_data) -> float:
+    _check_data(y, fn)
+    if not isinstance(sigma, torch.Tensor) or not sigma.is_floating_point() \
+            or sigma.shape != (y.shape[0],):
+        got = tuple(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__
+        raise ValueError(f"{fn}: sigma must be a floating-point tensor [B] = [{y.shape[0]}] of "
+                         f"noise levels, one per sample, got {got}")
+    if not bool((sigma > 0).all()):
+        raise ValueError(f"{fn}: sigma must hold noise levels > 0 (one per sample), got min "
+                         f"{sigma.min().item():.3g}")
+    return check_float(fn, "sigma_data", sigma_data, positive=True)
+
+
+def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """λ(σ) = 1 / c_out(σ)^2 = (σ^2 + σ_d^2) / (σ σ_d)^2 [B] (Karras et al. 2022, Table 1): with it
+    the loss of `EDMPrecond` is the unit-weight loss of its raw network (eq. 8)."""
+    return edm_coefficients(sigma, sigma_data)[1].pow(-2)
+
+
+def edm_training_sigmas(n: int, generator: torch.Generator | None = None, *, P_mean: float = -1.2,
+                        P_std: float = 1.2, device=None, dtype=None) -> torch.Tensor:
+    """n noise levels with ln σ ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1, p_train)."""
+    n = _check_n(n, "edm_training_sigmas")
+    P_mean = check_float("edm_training_sigmas", "P_mean", P_mean)
+    P_std = check_float("edm_training_sigmas", "P_std", P_std, positive=True)
+    device, dtype = _sample_device_dtype(generator, device, dtype)
+    z = torch.randn(n, generator=generator, device=device, dtype=dtype)
+    return torch.exp(P_mean + P_std * z)
+
+
+def edm_loss(
+    denoiser: Callable,
+    y: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_data: float = 0.5,
+    generator: torch.Generator | None = None,
+    *,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """λ(σ) |D(y + σ n; σ) - y|^2 per sample [B], n ~ N(0, I), λ = `edm_loss_weight` (Karras et
+    al. 2022, eq. 2 and Table 1; no factor 1/2). `denoiser(x, sigma)` is D, e.g. an `EDMPrecond`;
+    `noise` fixes n. With D = c_skip x + c_out F it is |F - (y - c_skip x) / c_out|^2 (eq. 8).
+    """
+    sigma_data = _check_edm_loss_args("edm_loss", y, sigma, sigma_data)
+    check_callable("edm_loss", "denoiser", denoiser, "(x, sigma) -> like x, e.g. EDMPrecond(net)")
+    n = randn_like(y, generator) if noise is None else noise
+    check_like("edm_loss", "noise", n, y)
+    x = y + append_dims(sigma.to(y.dtype), y.ndim) * n
+    d = check_like("edm_loss", "the denoiser's output", denoiser(x, sigma), y)
+    return edm_loss_weight(sigma.to(y.dtype), sigma_data) * _sum_per_sample((d - y).pow(2))
+
+
+# --- the DDPM ELBO: a diffusion is a hierarchical VAE (Ho et al. 2020) -----------------------
+
+
+def _check_ddpm_args(fn: str, sde, x0, s=None, t=None) -> None:
+    if getattr(sde, "K", None) != 1 or not hasattr(sde, "marginal_coefficients"):
+        raise ValueError(f"{fn}: needs a scalar linear SDE (VPSDE, SubVPSDE, VESDE), got {sde!r}")
+    _check_data(x0, fn)
+    for name, v in (("s", s), ("t", t)):
+        if v is not None:
+            check_time(fn, v, x0.shape[0])
+    if s is not None and t is not None and not bool((s < t).all()):
+        raise ValueError(f"{fn}: need s < t for every sample (s is the earlier time)")
+
+
+def _gaussian_kl(mean_q, var_q, mean_p, var_p) -> torch.Tensor:
+    """KL(N(mean_q, var_q I) || N(mean_p, var_p I)) per sample [B]; var_q, var_p: [B]."""
+    dim, r = mean_q[0].numel(), var_q / var_p
+    return _sum_per_sample((mean_q - mean_p).pow(2)) / (2 * var_p) + 0.5 * dim * (r - 1 - r.log())
+
+
+def _gaussian_nll(x, mean, var) -> torch.Tensor:
+    """-log N(x; mean, var I) per sample [B]; var: [B]."""
+    dim = x[0].numel()
+    return _sum_per_sample((x - mean).pow(2)) / (2 * var) + 0.5 * dim * torch.log(2 * torch.pi * var)
+
+
+def diffusion_posterior(sde, x0: torch.Tensor, x_t: torch.Tensor, s: torch.Tensor, t: torch.Tensor):
+    """q(x_s | x_t, x0) = N(mean, var I) for s < t: mean like x0, var [B] (Ho et al. 2020, eqs. 6-7
+    with ᾱ = α^2): mean = (A σ_s^2 x_t + α_s Σ x0) / σ_t^2, var = Σ σ_s^2 / σ_t^2, where
+    x_t | x_s ~ N(A x_s, Σ I) (`sde.transition`) and x_s | x0 ~ N(α_s x0, σ_s^2 I)."""
+    _check_ddpm_args("diffusion_posterior", sde, x0, s, t)
+    A, Sigma = sde.transition(s, t)
+    alpha_s, sigma_s = sde.marginal_coefficients(s)
+    var_t = sde.marginal_coefficients(t)[1].pow(2)
+    c_t, c_0 = (append_dims(c.to(x0.dtype), x0.ndim)
+                for c in (A * sigma_s.pow(2) / var_t, alpha_s * Sigma / var_t))
+    return c_t * x_t + c_0 * x0, (Sigma * sigma_s.pow(2) / var_t).to(x0.dtype)
+
+
+def ddpm_reverse_model(score_fn: Callable, sde, x_t: torch.Tensor, s: torch.Tensor, t: torch.Tensor):
+    """p(x_s | x_t) = N(mean, Σ I) (mean like x_t, Σ [B]): `diffusion_posterior` with x0 replaced
+    by x̂0 = (x_t + σ_t^2 s(x_t, t)) / α_t (Tweedie), and the forward step's variance Σ (Ho et
+    al. 2020, eq. 11 and their choice σ_t^2 = β_t)."""
+    _check_ddpm_args("ddpm_reverse_model", sde, x_t, s, t)
+    alpha_t, sigma_t = (append_dims(c.to(x_t.dtype), x_t.ndim) for c in sde.marginal_coefficients(t))
+    score = check_like("ddpm_reverse_model", "score_fn's output", score_fn(x_t, t), x_t)
+    x0_hat = (x_t + sigma_t.pow(2) * score) / alpha_t
+    return diffusion_posterior(sde, x0_hat, x_t, s, t)[0], sde.transition(s, t)[1].to(x_t.dtype)
+
+
+def ddpm_eps_weight(sde, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """w = Σ / (2 A^2 σ_t^2) [B]: the mean part of KL(q(x_s | x_t, x0) || p(x_s | x_t)) is
+    w |ε - ε̂|^2 (Ho et al. 2020, eq. 12: β_t^2 / (2 σ_t^2 α_t (1 - ᾱ_t)) with σ_t^2 = β_t). As
+    t - s -> 0, w / (t - s) -> g(t)^2 / (2 σ_t^2), the likelihood weighting (Song et al. 2021b)."""
+    A, Sigma = sde.transition(s, t)
+    return Sigma / (2 * A.pow(2) * sde.marginal_coefficients(t)[1].pow(2))
+
+
+def ddpm_elbo_terms(
+    score_fn: Callable,
+    sde,
+    x0: torch.Tensor,
+    steps: int,
+    generator: torch.Generator | None = None,
+    *,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The terms of DDPM's negative ELBO of x0, [B, steps + 1] nats (Ho et al. 2020, eq. 5).
+
+    The latents x_1 .. x_N (N = steps) are the SDE at t_i = i T / N. Column 0 is the
+    reconstruction L_0 = -log p(x0 | x_1); column i, 0 < i < N, is L_i = KL(q(x_i | x_{i+1}, x0)
+    || p(x_i | x_{i+1})); column N is the prior term L_N = KL(q(x_N | x0) || N(0, prior_std^2 I)).
+    p is `ddpm_reverse_model`. Each term draws its own x_{i+1} = α x0 + σ ε, so the row sum is
+    an unbiased estimate of -ELBO(x0) >= -log p(x0); `noise` (like x0) fixes ε, the same at
+    every step (e.g. quadrature nodes: each term is an expectation over ε on its own).
+    """
+    _check_ddpm_args("ddpm_elbo_terms", sde, x0)
+    steps = check_int("ddpm_elbo_terms", "steps", steps, low=1)
+    if noise is not None:
+        check_like("ddpm_elbo_terms", "noise", noise, x0)
+    times = torch.linspace(0.0, sde.T, steps + 1, dtype=torch.float64, device=x0.device)
+    terms = []
+    for i in range(steps):
+        s, t = (torch.full((x0.shape[0],), v.item(), dtype=x0.dtype, device=x0.device)
+                for v in times[i:i + 2])
+        x_t = sde.kernel(x0, t).sample(randn_like(x0, generator) if noise is None else noise)
+        mean_p, var_p = ddpm_reverse_model(score_fn, sde, x_t, s, t)
+        if i == 0:
+            terms.append(_gaussian_nll(x0, mean_p, var_p))
+        else:
+            terms.append(_gaussian_kl(*diffusion_posterior(sde, x0, x_t, s, t), mean_p, var_p))
+    mean_T, sigma_T = sde.marginal_prob(x0, t)
+    prior_var = torch.full_like(sigma_T, sde.prior_std**2)
+    terms.append(_gaussian_kl(mean_T, sigma_T.pow(2), torch.zeros_like(x0), prior_var))
+    return torch.stack(terms, dim=1)
