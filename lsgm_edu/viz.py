@@ -1,4 +1,5 @@
-"""Plotting helpers for 2-D densities, score fields and chains, and the book's widget helper.
+"""Plotting helpers for 2-D densities, score fields and chains (coloured by time), pictures and
+animations of the forward and reverse processes, and the book's widget helper.
 
 Functions draw on a matplotlib `ax` they are given and never change global style. Every
 widget in the book goes through `interactive`, which always draws a static figure first, so
@@ -7,7 +8,9 @@ the website (where no kernel runs) still shows the idea.
 
 from __future__ import annotations
 
+import base64
 import inspect
+import itertools
 from collections.abc import Callable, Mapping
 from numbers import Integral, Real
 from pathlib import Path
@@ -15,13 +18,23 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.collections import LineCollection
+from matplotlib.colors import Normalize
+
+from lsgm_edu.utils import append_dims, randn_like
 
 __all__ = [
+    "GIF",
+    "animate_particles",
+    "animation_to_gif",
     "interactive",
     "plot_density",
+    "plot_forward_reverse",
+    "plot_particle_frames",
     "plot_samples",
     "plot_score_field",
     "plot_trajectories",
+    "reverse_sde_frames",
     "save_figure",
     "show_source",
 ]
@@ -33,6 +46,22 @@ def _to_numpy(v, name: str, last_dim: int | None = 2, ndim: int | None = None) -
         want = "[T, B, 2]" if ndim == 3 else "[N, 2]"
         raise ValueError(f"{name} must have shape {want}, got {a.shape}")
     return a
+
+
+def _check_count(fn: str, name: str, v, low: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, Integral) or v < low:
+        raise ValueError(f"{fn}: {name} must be an int >= {low}, got {v!r}")
+    return int(v)
+
+
+def _times(times, n: int, fn: str) -> np.ndarray:
+    """The time of each of n states as a float64 array [n]."""
+    t = np.asarray(times.detach().cpu() if isinstance(times, torch.Tensor) else times,
+                   dtype=np.float64)
+    if t.shape != (n,) or not np.all(np.isfinite(t)):
+        raise ValueError(f"{fn}: times must be {n} finite numbers (one per state), got shape "
+                         f"{t.shape}")
+    return t
 
 
 def _grid(xlim, ylim, n: int, device=None):
@@ -97,20 +126,317 @@ def plot_samples(ax, x, **kw):
     return ax.scatter(a[:, 0], a[:, 1], **kw)
 
 
-def plot_trajectories(ax, traj, max_chains=10, **kw):
-    """Draw the paths of up to `max_chains` chains from traj [T, B, 2], ending each with a dot.
+def plot_trajectories(ax, traj, max_chains=10, times=None, *, cmap="viridis", norm=None,
+                      colorbar=True, time_label="$t$", **kw):
+    """Draw the paths of up to `max_chains` chains from traj [T, B, 2].
 
-    Extra keywords go to `ax.plot`. Returns the list of Line2D paths.
+    Without `times`: one line per chain in the colour cycle, ending in a dot; extra keywords go
+    to `ax.plot`; returns the list of Line2D paths. With `times` [T], the time of each state:
+    the paths are coloured by time (one LineCollection; segment k takes the mean time of its
+    two ends, through `cmap` and `norm`, by default the range of `times`), each start is an open
+    circle and each end a dot in its time's colour, and a colorbar labelled `time_label` is
+    added when `colorbar`; extra keywords go to the LineCollection; returns it.
     """
     a = _to_numpy(traj, "traj", ndim=3)
-    kw.setdefault("lw", 0.8)
-    kw.setdefault("alpha", 0.8)
-    lines = []
-    for b in range(min(int(max_chains), a.shape[1])):
-        (line,) = ax.plot(a[:, b, 0], a[:, b, 1], **kw)
-        ax.plot(a[-1, b, 0], a[-1, b, 1], "o", ms=3, color=line.get_color())
-        lines.append(line)
-    return lines
+    n = min(_check_count("plot_trajectories", "max_chains", max_chains), a.shape[1])
+    kw.setdefault("lw", 0.8 if times is None else 1.0)
+    kw.setdefault("alpha", 0.8 if times is None else 0.9)
+    if times is None:
+        lines = []
+        for b in range(n):
+            (line,) = ax.plot(a[:, b, 0], a[:, b, 1], **kw)
+            ax.plot(a[-1, b, 0], a[-1, b, 1], "o", ms=3, color=line.get_color())
+            lines.append(line)
+        return lines
+    t = _times(times, a.shape[0], "plot_trajectories")
+    norm = norm if norm is not None else Normalize(t.min(), t.max())
+    segments = np.stack([a[:-1, :n], a[1:, :n]], axis=2).swapaxes(0, 1).reshape(-1, 2, 2)
+    lc = LineCollection(segments, cmap=cmap, norm=norm, **kw)
+    lc.set_array(np.tile((t[:-1] + t[1:]) / 2, n))  # chain by chain, in time order
+    ax.add_collection(lc)
+    ax.autoscale_view()
+    ends = {"start": (a[0, :n], "white"), "end": (a[-1, :n], plt.get_cmap(cmap)(norm(t[-1])))}
+    for label, (xy, face) in ends.items():
+        ax.scatter(xy[:, 0], xy[:, 1], s=24, color=face, edgecolors="k", linewidths=0.7,
+                   zorder=3, label=label)
+    if colorbar:
+        ax.figure.colorbar(lc, ax=ax, label=time_label)
+    return lc
+
+
+# --- the forward and reverse processes in pictures ------------------------------------------
+
+
+class _RecordPrior:
+    """An SDE that remembers its last prior draw: the x_T a sampler started from."""
+
+    def __init__(self, sde):
+        self._sde, self.x_T = sde, None
+
+    def __getattr__(self, name):  # only called for names not set here
+        if name.startswith("__") or name == "_sde":
+            raise AttributeError(name)
+        return getattr(self._sde, name)
+
+    def prior_sampling(self, *args, **kwargs):
+        self.x_T = self._sde.prior_sampling(*args, **kwargs)
+        return self.x_T
+
+
+def reverse_sde_frames(sde, score_fn, shape, steps, n_frames, *, sampler=None, generator=None,
+                       **sampler_kw):
+    """Run a reverse-SDE sampler (default `samplers.euler_maruyama`) and keep `n_frames` states.
+
+    Frame 0 is the prior draw x_T the sampler started from, the last frame its output (the
+    denoised x_mean by default), the others the states after evenly spaced steps, read from the
+    sampler's callback. Returns (times [F] float64, frames [F, *shape]) on the CPU.
+    """
+    from lsgm_edu.samplers import euler_maruyama
+
+    steps = _check_count("reverse_sde_frames", "steps", steps)
+    n_frames = _check_count("reverse_sde_frames", "n_frames", n_frames, low=2)
+    if n_frames > steps + 1:
+        raise ValueError(f"reverse_sde_frames: n_frames must be <= steps + 1 = {steps + 1} (one "
+                         f"frame per step and the prior draw), got {n_frames}")
+    # frame k is the state after about k steps / (n_frames - 1) steps: step index that - 1
+    after = np.floor(np.arange(1, n_frames - 1) * steps / (n_frames - 1) + 0.5).astype(int)
+    keep = set((after - 1).tolist())
+    times, frames = [float(sde.T)], []
+
+    def record(info):
+        if info["i"] in keep:
+            times.append(float(info["t"]))
+            frames.append(info["x"].detach().to("cpu", copy=True))
+
+    recording = _RecordPrior(sde)
+    run = euler_maruyama if sampler is None else sampler
+    x = run(recording, score_fn, shape, steps, generator=generator, callback=record, **sampler_kw)
+    frames = [recording.x_T.detach().cpu(), *frames, x.detach().cpu()]
+    return torch.tensor([*times, 0.0], dtype=torch.float64), torch.stack(frames)
+
+
+def _exact_forward_paths(sde, x0, ts, generator=None):
+    """Paths of a scalar linear SDE at the times ts [S] from x0 [B, D], drawn with its exact
+    transitions x_t = A x_s + sqrt(Sigma) z (Song et al. 2021, eq. 29): [S, B, D]."""
+    path = [x0]
+    for s, t in itertools.pairwise(ts):
+        A, var = sde.transition(s.expand(len(x0)), t.expand(len(x0)))
+        z = randn_like(x0, generator)
+        path.append(append_dims(A, x0.ndim) * path[-1] + append_dims(var.sqrt(), x0.ndim) * z)
+    return torch.stack(path)
+
+
+def _density_in_time(ax, log_prob_fn, ts, xs, cmap="Blues"):
+    """p_t(x) as an image over (t, x) from log_prob_fn(x [M, 1], t [M]); returns it [x, t]."""
+    tt, xx = torch.meshgrid(ts, xs, indexing="xy")  # [len(xs), len(ts)]
+    p = log_prob_fn(xx.reshape(-1, 1), tt.reshape(-1)).exp().reshape(tt.shape).numpy()
+    ax.imshow(p, origin="lower", aspect="auto", cmap=cmap, interpolation="bilinear",
+              extent=(float(ts[0]), float(ts[-1]), float(xs[0]), float(xs[-1])))
+    return p
+
+
+def _arrow_title(ax, text, forward):
+    """An arrow across the top of `ax` (left to right if `forward`) with `text` above it."""
+    ends = [(0.0, 1.04), (1.0, 1.04)]
+    ax.annotate("", xy=ends[forward], xytext=ends[not forward], xycoords="axes fraction",
+                arrowprops={"arrowstyle": "-|>", "lw": 2.0, "color": "0.2"})
+    ax.text(0.5, 1.09, text, transform=ax.transAxes, ha="center", va="bottom", fontsize=11)
+
+
+def _paths_in_time(ax, times, paths):
+    """1-D paths [S, B, 1] against time, each from an open circle to a dot, in its own colour."""
+    colors = ["C3", "C1", "C2", "C4", "C6", "C5", "C8", "C9"]
+    for b in range(paths.shape[1]):
+        color = colors[b % len(colors)]
+        ax.plot(times, paths[:, b, 0], color=color, lw=1.0)
+        ax.plot(times[0], paths[0, b, 0], "o", ms=5, mfc="white", mec=color, clip_on=False)
+        ax.plot(times[-1], paths[-1, b, 0], "o", ms=5, color=color, clip_on=False)
+
+
+def _score_arrows(ax, score_fn, T, lim):
+    """Vertical arrows along the 1-D score s(x, t) on a 12 x 9 grid of (t, x), their length
+    saturating (tanh) at 0.7 of a grid cell: direction everywhere, size where it is small."""
+    tq, xq = torch.meshgrid(torch.linspace(0.05, 0.95, 12, dtype=torch.float64) * T,
+                            torch.linspace(-0.85, 0.85, 9, dtype=torch.float64) * lim,
+                            indexing="xy")
+    s = score_fn(xq.reshape(-1, 1), tq.reshape(-1)).reshape(tq.shape)
+    cell = 2 * 0.85 * lim / 8
+    ax.quiver(tq, xq, torch.zeros_like(s), 0.7 * cell * torch.tanh(s / 2), color="0.25",
+              angles="xy", scale_units="xy", scale=1.0, width=0.003)
+
+
+def _side_panel(ax, xs, name, p, prior=None, samples=None, sample_label=""):
+    """A density p(xs) on its side, filled, or as a line over a histogram of `samples`; the
+    prior dashed when given."""
+    if samples is None:
+        ax.fill_betweenx(xs, p, color="C0", alpha=0.4, label=name)
+    else:
+        ax.hist(samples, bins=40, range=(float(xs[0]), float(xs[-1])), density=True,
+                orientation="horizontal", color="C3", alpha=0.6, label=sample_label)
+        ax.plot(p, xs, "k", lw=1, label=name)
+    if prior is not None:
+        ax.plot(prior, xs, "k--", lw=1, label=r"prior $\pi$")
+    ax.set(xticks=[])
+    ax.legend(fontsize=8, loc="upper center", frameon=False)
+
+
+def plot_forward_reverse(data, sde, *, n_paths=5, n_samples=2000, steps=200, lim=None,
+                         generator=None, figsize=(12.0, 6.6)):
+    """Song et al. (2021), Fig. 1, computed: the forward SDE takes a 1-D `data` mixture to the
+    prior, the reverse SDE (their eq. 6) with the exact score takes the prior back to the data.
+
+    Both rows show the exact p_t(x) over (t, x) (`data.log_prob_fn(sde)`). Top: `n_paths` paths
+    drawn with the exact transitions from data samples; p_0 left, p_T and the prior right.
+    Bottom: the score (arrows) and `n_paths` Euler-Maruyama paths of the reverse SDE
+    (`reverse_sde_frames`, `steps` steps); right, the histogram of the prior draws, left, that
+    of all `n_samples` outputs, against p_0. Returns the figure.
+    """
+    if getattr(data, "dim", None) != 1 or getattr(sde, "K", None) != 1:
+        raise ValueError("plot_forward_reverse: data must be a 1-D GaussianMixture (means [K, 1]) "
+                         "and sde a scalar SDE (K = 1), e.g. VPSDE()")
+    steps = _check_count("plot_forward_reverse", "steps", steps)
+    data = data.to(dtype=torch.float64)
+    ts = torch.linspace(0.0, float(sde.T), steps + 1, dtype=torch.float64)
+    if lim is None:  # three standard deviations around every component, at every t
+        alpha, sigma = (c[:, None] for c in sde.marginal_coefficients(ts))
+        lim = 1.05 * float((alpha * data.means[:, 0].abs()
+                            + 3 * (alpha**2 * data.stds**2 + sigma**2).sqrt()).max())
+    xs = torch.linspace(-lim, lim, 240, dtype=torch.float64)
+    log_pt = data.log_prob_fn(sde)
+    p_0, p_T = (log_pt(xs[:, None], torch.full((len(xs),), t)).exp() for t in (0.0, sde.T))
+    prior = torch.exp(sde.prior_logp(xs[:, None]))
+    forward = _exact_forward_paths(sde, data.sample(n_paths, generator), ts, generator)
+    times, frames = reverse_sde_frames(sde, data.score_fn(sde), (n_samples, 1), steps,
+                                       steps + 1, generator=generator, dtype=torch.float64)
+
+    fig, axes = plt.subplots(2, 3, figsize=figsize, width_ratios=[1, 6, 1], sharey=True)
+    for row, (t_path, paths) in enumerate([(ts, forward), (times, frames[:, :n_paths])]):
+        _density_in_time(axes[row, 1], log_pt, ts, xs)
+        _paths_in_time(axes[row, 1], t_path, paths)
+        axes[row, 1].set(xlim=(0, sde.T), ylim=(-lim, lim), xlabel="$t$")
+        axes[row, 0].invert_xaxis()  # p_0 faces the main panel
+        axes[row, 0].set_ylabel("$x$")
+    _score_arrows(axes[1, 1], data.score_fn(sde), sde.T, lim)
+    _side_panel(axes[0, 0], xs, "$p_0$", p_0)
+    _side_panel(axes[0, 2], xs, "$p_T$", p_T, prior)
+    _side_panel(axes[1, 0], xs, "$p_0$", p_0, samples=frames[-1, :, 0], sample_label="samples")
+    _side_panel(axes[1, 2], xs, "$p_T$", p_T, prior, frames[0, :, 0], r"$x_T \sim \pi$")
+    _arrow_title(axes[0, 1], r"forward SDE (data $\to$ noise): $dx = f(x, t)\,dt + g(t)\,dw$",
+                 forward=True)
+    _arrow_title(axes[1, 1], r"reverse SDE (noise $\to$ data): $dx = [f(x, t) - g(t)^2\,"
+                 r"\nabla_x \log p_t(x)]\,dt + g(t)\,d\bar w$", forward=False)
+    fig.tight_layout()
+    return fig
+
+
+def _density_grids(log_prob_fn, times, xlim, ylim, n):
+    """exp(log p_t) on an n x n grid for each t, peak-normalized per t: [len(times), n, n]."""
+    _, _, pts = _grid(xlim, ylim, n)
+    grids = []
+    for t in np.asarray(times, dtype=np.float64):
+        logp = log_prob_fn(pts, torch.full((len(pts),), float(t))).detach().float().cpu()
+        grids.append(torch.exp(logp - logp.max()).reshape(n, n).numpy())
+    return np.stack(grids)
+
+
+def _frame_index(times, at):
+    """For each time in `at`, the index of the nearest of `times`."""
+    return [int(np.abs(times - float(s)).argmin()) for s in at]
+
+
+def plot_particle_frames(axes, frames, times, log_prob_fn, xlim, ylim, *, at=None, chains=3,
+                         n_grid=120, cmap="plasma", time_label="$t$", **scatter_kw):
+    """A strip of frames: in each ax the density p_t (filled contours), the particles at t and
+    the paths so far of a few of them (`chains`: the first n, or a list of indices), coloured
+    by time; one colorbar for the strip.
+
+    frames [F, N, 2], times [F] (as from `reverse_sde_frames`); log_prob_fn(x, t) with t [B];
+    at: the times to show (the nearest frames; default evenly spaced). Returns the frame indices.
+    """
+    axes = list(np.atleast_1d(axes).flat)
+    a = _to_numpy(frames, "frames", ndim=3)
+    t = _times(times, a.shape[0], "plot_particle_frames")
+    shown = _frame_index(t, at if at is not None else np.linspace(t[0], t[-1], len(axes)))
+    if len(shown) != len(axes):
+        raise ValueError(f"plot_particle_frames: {len(axes)} axes but {len(shown)} times in at")
+    norm = Normalize(min(t[0], t[-1]), max(t[0], t[-1]))
+    paths = a[:, list(chains)] if not isinstance(chains, Integral) else a[:, :chains]
+    scatter_kw = {"s": 2, "color": "0.15", "alpha": 0.3, **scatter_kw}
+    for ax, k in zip(axes, shown):
+        plot_density(ax, lambda x, s=t[k]: log_prob_fn(x, torch.full((len(x),), s)), xlim, ylim,
+                     n=n_grid)
+        plot_samples(ax, a[k], **scatter_kw)
+        lc = plot_trajectories(ax, paths[: k + 1], paths.shape[1], t[: k + 1], cmap=cmap,
+                               norm=norm, colorbar=False, lw=1.4)
+        ax.set(xlim=xlim, ylim=ylim, title=f"${time_label.strip('$')} = {t[k]:.2f}$")
+    axes[0].figure.colorbar(lc, ax=axes, label=time_label, fraction=0.015, pad=0.01)
+    return shown
+
+
+def animate_particles(frames, times, log_prob_fn, xlim, ylim, *, n_grid=80, hold_last=0,
+                      interval=100, figsize=(4.0, 4.0), title="reverse SDE", **scatter_kw):
+    """A FuncAnimation of particles frames [F, N, 2] over the density of p_t at each frame's time.
+
+    log_prob_fn(x, t) with t [B] gives log p_t (shown peak-normalized, as `plot_density`);
+    the last frame is repeated `hold_last` more times, a pause before the loop restarts. Returns
+    the animation (its figure stays open until `animation_to_gif` closes it).
+    """
+    from matplotlib.animation import FuncAnimation
+
+    a = _to_numpy(frames, "frames", ndim=3)
+    t = _times(times, a.shape[0], "animate_particles")
+    hold_last = _check_count("animate_particles", "hold_last", hold_last, low=0)
+    density = _density_grids(log_prob_fn, t, xlim, ylim, n_grid)
+    fig, ax = plt.subplots(figsize=figsize)
+    # 12 flat colour bands, like `plot_density`'s contours: they also keep the GIF small
+    image = ax.imshow(density[0], origin="lower", extent=(*xlim, *ylim), vmin=0, vmax=1,
+                      cmap=plt.get_cmap("Blues", 12), interpolation="bilinear")
+    dots = plot_samples(ax, a[0], **{"s": 4, "color": "C3", "alpha": 0.7, **scatter_kw})
+    ax.set(xlim=xlim, ylim=ylim, xticks=[], yticks=[])
+    label = ax.set_title(f"{title}: $t = {t[0]:.2f}$")
+    fig.tight_layout()
+
+    def draw(k):
+        image.set_data(density[k])
+        dots.set_offsets(a[k])
+        label.set_text(f"{title}: $t = {t[k]:.2f}$")
+        return image, dots, label
+
+    order = [*range(len(a)), *[len(a) - 1] * hold_last]
+    return FuncAnimation(fig, draw, frames=order, interval=interval, blit=False, repeat=True)
+
+
+class GIF:
+    """GIF bytes that a notebook shows as an image/gif output, with `alt` as its text/plain.
+
+    JupyterLab plays it; the website (mystmd) writes it to a file, shows it as an image and
+    uses the text as the image's alt text.
+    """
+
+    def __init__(self, data: bytes, alt: str):
+        if bytes(data[:6]) not in (b"GIF87a", b"GIF89a"):
+            raise ValueError("GIF: data must be the bytes of a GIF file (from animation_to_gif)")
+        self.data, self.alt = bytes(data), str(alt)
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return {"image/gif": base64.b64encode(self.data).decode("ascii"), "text/plain": self.alt}
+
+
+def animation_to_gif(anim, fps=10, dpi=72) -> bytes:
+    """The frames of a matplotlib animation as GIF bytes (PillowWriter); closes its figure.
+
+    Show them in a notebook with `GIF(data, alt)`.
+    """
+    import tempfile
+
+    from matplotlib.animation import PillowWriter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "animation.gif"
+        anim.save(path, writer=PillowWriter(fps=fps), dpi=dpi)
+        data = path.read_bytes()
+    plt.close(anim._fig)  # matplotlib keeps an animation's figure only there
+    return data
 
 
 # --- widgets ------------------------------------------------------------------------------

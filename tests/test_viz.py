@@ -1,5 +1,6 @@
 """Plot helpers draw something; the widget helper's static figure and live branch; save_figure."""
 
+import base64
 import inspect
 import os
 import types
@@ -13,12 +14,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from matplotlib.collections import PathCollection
+from matplotlib.collections import LineCollection, PathCollection
 from matplotlib.quiver import Quiver
 
 from lsgm_edu import viz
 from lsgm_edu.checkpoint import new_file_mode
-from lsgm_edu.samplers import ChainRecorder, langevin
+from lsgm_edu.samplers import ChainRecorder, euler_maruyama, langevin, predictor_corrector
+from lsgm_edu.sde import VESDE, VPSDE
 from lsgm_edu.toy import GaussianMixture
 
 
@@ -83,6 +85,154 @@ def test_plot_samples_and_trajectories(ax, gmm):
         viz.plot_samples(ax, torch.zeros(5, 3))
     with pytest.raises(ValueError, match=r"\[T, B, 2\]"):
         viz.plot_trajectories(ax, torch.zeros(5, 2))
+
+
+def test_plot_trajectories_colours_paths_by_time(ax, gmm):
+    rec = ChainRecorder()
+    langevin(gmm.score, gmm.sample(7, torch.Generator().manual_seed(1)), 0.05, 12,
+             generator=torch.Generator().manual_seed(2), callback=rec)
+    traj, times = rec.trajectory(), 0.05 * torch.arange(1, 13)  # [12, 7, 2], Langevin time
+    lc = viz.plot_trajectories(ax, traj, max_chains=3, times=times)
+    assert isinstance(lc, LineCollection)
+    segments = lc.get_segments()
+    assert len(segments) == 3 * 11  # 3 chains of 12 states: 11 segments each
+    # segment k of chain b joins state k to k + 1 and is coloured by the mean of their times
+    np.testing.assert_allclose(segments[11 + 4], traj[4:6, 1].numpy(), rtol=1e-6)
+    mid = (times[:-1] + times[1:]).numpy() / 2
+    np.testing.assert_allclose(lc.get_array(), np.tile(mid, 3), rtol=1e-6)
+    assert lc.norm.vmin == pytest.approx(0.05) and lc.norm.vmax == pytest.approx(0.6)
+    starts, ends = [c for c in ax.collections if isinstance(c, PathCollection)]
+    np.testing.assert_allclose(starts.get_offsets(), traj[0, :3].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ends.get_offsets(), traj[-1, :3].numpy(), rtol=1e-6)
+    assert lc.colorbar is not None and lc.colorbar.ax.get_ylabel() == "$t$"
+    # more chains asked for than there are: all of them; no colorbar when asked
+    lc = viz.plot_trajectories(ax, traj, max_chains=50, times=times.numpy(), colorbar=False)
+    assert len(lc.get_segments()) == 7 * 11 and lc.colorbar is None
+    with pytest.raises(ValueError, match="times must be 12 finite numbers"):
+        viz.plot_trajectories(ax, traj, times=times[:-1])
+    with pytest.raises(ValueError, match="max_chains must be an int >= 1"):
+        viz.plot_trajectories(ax, traj, max_chains=0, times=times)
+
+
+@pytest.fixture
+def vp_frames(gmm):
+    vp = VPSDE(N=20)
+    times, frames = viz.reverse_sde_frames(vp, gmm.score_fn(vp), (300, 2), 20, n_frames=6,
+                                           generator=torch.Generator().manual_seed(3))
+    return vp, times, frames
+
+
+def test_reverse_sde_frames_start_at_the_prior_draw_and_end_at_the_output(gmm, vp_frames):
+    vp, times, frames = vp_frames
+    assert frames.shape == (6, 300, 2) and times.dtype == torch.float64
+    assert times[0] == vp.T and times[-1] == 0.0 and bool(torch.all(times.diff() < 0))
+    # the first frame is the sampler's prior draw, the last its (denoised) output
+    x_T = vp.prior_sampling((300, 2), generator=torch.Generator().manual_seed(3))
+    x_0 = euler_maruyama(vp, gmm.score_fn(vp), (300, 2), 20,
+                         generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(frames[0], x_T)
+    torch.testing.assert_close(frames[-1], x_0)
+    # the frames between are states after evenly spaced steps: times on the sampler's grid
+    grid = torch.linspace(vp.T, 1e-3, 20, dtype=torch.float64)
+    assert all(bool(torch.isclose(grid, t).any()) for t in times[1:-1])
+
+
+def test_reverse_sde_frames_keeps_as_many_distinct_states_as_asked(gmm):
+    vp = VPSDE()
+    for n_frames in range(2, 9):  # up to one frame per step of 7, plus the prior draw
+        times, frames = viz.reverse_sde_frames(vp, gmm.score_fn(vp), (3, 2), 7, n_frames,
+                                               generator=torch.Generator().manual_seed(n_frames))
+        assert frames.shape == (n_frames, 3, 2) and bool(torch.all(times.diff() < 0))
+
+
+def test_reverse_sde_frames_one_step_is_the_denoising_step_from_the_first_frame(gmm):
+    """steps=1: the sampler's one step from T to 0 drops its noise, so the output is the first
+    frame moved by the reverse drift: x_0 = x_T - T (f - g^2 s)(x_T, T)."""
+    ve = VESDE(sigma_max=3.0)
+    score = gmm.score_fn(ve)
+    times, frames = viz.reverse_sde_frames(ve, score, (50, 2), 1, n_frames=2,
+                                           generator=torch.Generator().manual_seed(4))
+    x_T, t = frames[0], torch.full((50,), ve.T)
+    f, g = ve.sde(x_T, t)
+    torch.testing.assert_close(frames[1], x_T - ve.T * (f - g[:, None] ** 2 * score(x_T, t)))
+    # any sampler with the same signature: predictor-corrector, recorded the same way
+    times, frames = viz.reverse_sde_frames(
+        VESDE(N=10), gmm.score_fn(VESDE(N=10)), (50, 2), 10, 11, sampler=predictor_corrector,
+        generator=torch.Generator().manual_seed(5), snr=0.1)
+    assert frames.shape == (11, 50, 2) and len(times) == 11
+    with pytest.raises(ValueError, match="n_frames must be <= steps \\+ 1 = 2"):
+        viz.reverse_sde_frames(ve, score, (5, 2), 1, n_frames=3)
+
+
+def test_animate_particles_gif_has_one_frame_per_state(gmm, vp_frames):
+    from io import BytesIO
+
+    from PIL import Image
+
+    vp, times, frames = vp_frames
+    log_pt = gmm.log_prob_fn(vp)
+    anim = viz.animate_particles(frames, times, log_pt, (-4, 4), (-4, 4), n_grid=20)
+    fig = anim._fig
+    gif = viz.animation_to_gif(anim, fps=5, dpi=30)
+    assert gif[:6] == b"GIF89a" and not plt.fignum_exists(fig.number)
+    with Image.open(BytesIO(gif)) as im:
+        assert im.n_frames == len(frames)
+    # after saving, the figure shows the last frame: the sampler's output over p_t at t = 0
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), frames[-1].numpy(), rtol=1e-6)
+    _, _, pts = viz._grid((-4, 4), (-4, 4), 20)
+    logp = log_pt(pts, torch.zeros(len(pts)))
+    np.testing.assert_allclose(ax.images[0].get_array(),
+                               torch.exp(logp - logp.max()).reshape(20, 20).numpy(), atol=1e-6)
+    assert ax.get_title() == "reverse SDE: $t = 0.00$"
+    # shown in a notebook as an image/gif output whose text is the alt text of the website
+    bundle = viz.GIF(gif, alt="particles")._repr_mimebundle_()
+    assert base64.b64decode(bundle["image/gif"]) == gif and bundle["text/plain"] == "particles"
+    with pytest.raises(ValueError, match="bytes of a GIF file"):
+        viz.GIF(b"\x89PNG\r\n\x1a\n", alt="not a gif")
+    # hold_last repeats the last frame: Pillow stores the repeats as one longer frame
+    anim = viz.animate_particles(frames, times, log_pt, (-4, 4), (-4, 4), n_grid=20, hold_last=4)
+    with Image.open(BytesIO(viz.animation_to_gif(anim, fps=5, dpi=30))) as im:
+        im.seek(im.n_frames - 1)
+        assert im.n_frames == len(frames) and im.info["duration"] == pytest.approx(1000, abs=20)
+
+
+def test_plot_particle_frames_draws_a_strip(gmm, vp_frames):
+    vp, times, frames = vp_frames
+    fig, axes = plt.subplots(1, 3)
+    shown = viz.plot_particle_frames(axes, frames, times, gmm.log_prob_fn(vp), (-4, 4), (-4, 4),
+                                     at=[1.0, 0.4, 0.0], chains=[5, 2], n_grid=20)
+    assert shown[0] == 0 and shown[-1] == len(frames) - 1
+    assert abs(times[shown[1]] - 0.4) == (times - 0.4).abs().min()
+    for ax, k in zip(axes, shown):
+        lc = next(c for c in ax.collections if isinstance(c, LineCollection))
+        assert len(lc.get_segments()) == 2 * k  # two chains, their paths up to frame k
+        points = next(c for c in ax.collections if isinstance(c, PathCollection))
+        np.testing.assert_allclose(points.get_offsets(), frames[k].numpy(), rtol=1e-6)
+    assert len(fig.axes) == 4  # one shared colorbar
+    with pytest.raises(ValueError, match="3 axes but 2 times"):
+        viz.plot_particle_frames(axes, frames, times, gmm.log_prob_fn(vp), (-4, 4), (-4, 4),
+                                 at=[1.0, 0.0])
+    plt.close(fig)
+
+
+def test_plot_forward_reverse_shows_the_exact_marginals(gmm):
+    data = GaussianMixture(gmm.means[:, :1], gmm.stds)
+    vp = VPSDE()
+    fig = viz.plot_forward_reverse(data, vp, n_paths=3, n_samples=200, steps=20,
+                                   generator=torch.Generator().manual_seed(6))
+    assert len(fig.axes) == 6
+    (image,) = fig.axes[1].images
+    p = image.get_array()  # [x, t]: p_t(x) on the grid, t = 0 in the first column
+    lo, hi = image.get_extent()[2:]
+    xs = torch.linspace(lo, hi, p.shape[0], dtype=torch.float64)
+    np.testing.assert_allclose(p[:, 0], data.to(dtype=torch.float64).log_prob(xs[:, None]).exp(),
+                               rtol=1e-6)
+    prior = torch.exp(vp.prior_logp(xs[:, None]))
+    assert np.abs(p[:, -1] - prior.numpy()).max() < 0.01  # p_T is close to the prior
+    plt.close(fig)
+    with pytest.raises(ValueError, match="1-D GaussianMixture"):
+        viz.plot_forward_reverse(gmm, vp)
 
 
 def _panel(ax, step=0.1, n=10, kind="a"):
