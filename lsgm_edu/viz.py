@@ -1,5 +1,6 @@
 """Plotting helpers for 2-D densities, score fields and chains (coloured by time), pictures and
-animations of the forward and reverse processes, and the book's widget helper.
+animations of the forward and reverse processes, the book's widget helper, and the collapsed
+output of an exercise's solution.
 
 Functions draw on a matplotlib `ax` they are given and never change global style. Every
 widget in the book goes through `interactive`, which always draws a static figure first, so
@@ -9,7 +10,10 @@ the website (where no kernel runs) still shows the idea.
 from __future__ import annotations
 
 import base64
+import contextlib
+import html
 import inspect
+import io
 import itertools
 from collections.abc import Callable, Mapping
 from numbers import Integral, Real
@@ -37,6 +41,7 @@ __all__ = [
     "reverse_sde_frames",
     "save_figure",
     "show_source",
+    "solution_output",
 ]
 
 
@@ -597,3 +602,50 @@ def save_figure(fig, path, **kw) -> Path:
     # the temporary name ends in .tmp: name the format, from the suffix or matplotlib's default
     kw.setdefault("format", path.suffix.lstrip(".") or plt.rcParams["savefig.format"])
     return atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, **kw))
+
+
+SOLUTION_SUMMARY = "Output of the solution (click to open)"
+
+
+@contextlib.contextmanager
+def solution_output(summary: str = SOLUTION_SUMMARY):
+    """Gather what a block prints and the figures it draws into one closed `<details>` element,
+    shown when the block ends: an exercise's solution runs with the chapter (Run All) without
+    printing its answer under the exercise. (JupyterLab shows the outputs of every cell it runs,
+    whatever the cell's `outputs_hidden`.) Outside a notebook the text is printed as usual."""
+    before = set(plt.get_fignums())
+    text = io.StringIO()
+    show, plt.show = plt.show, (lambda *args, **kwargs: None)
+    try:
+        with contextlib.redirect_stdout(text):
+            yield
+    finally:
+        plt.show = show
+        figures = [plt.figure(n) for n in plt.get_fignums() if n not in before]
+        pngs = [_png_base64(fig) for fig in figures]
+        for fig in figures:
+            plt.close(fig)
+        _show_collapsed(summary, text.getvalue(), pngs)
+
+
+def _png_base64(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _show_collapsed(summary: str, text: str, pngs: list[str]) -> None:
+    """A closed <details> (HTML) holding `text` and the PNGs; plain text where HTML is not
+    shown."""
+    plain = text + (f"[{len(pngs)} figure(s)]\n" if pngs else "")
+    if not _in_kernel():
+        print(plain, end="")
+        return
+    from IPython.display import display
+
+    body = f"<pre>{html.escape(text)}</pre>" if text else ""
+    body += "".join(f'<img src="data:image/png;base64,{b}" style="max-width:100%"/>'
+                    for b in pngs)
+    summary = f'<summary style="display:list-item;cursor:pointer">{html.escape(summary)}</summary>'
+    display({"text/html": f"<details>{summary}{body}</details>",
+             "text/plain": plain or "(no output)"}, raw=True)

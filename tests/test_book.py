@@ -349,8 +349,10 @@ def test_no_chapter_splits_a_directive():
 
 def test_solutions_are_collapsed_in_jupyterlab():
     """Every exercise-solution cell (source starting "# Solution to Exercise") opens collapsed
-    in JupyterLab (`jupyter.source_hidden` / `outputs_hidden`) and hidden on the website
-    (`hide-cell`), so a reader sees the solution only when they ask for it."""
+    in JupyterLab (`jupyter.source_hidden` / `outputs_hidden`), hidden on the website
+    (`hide-cell`), and runs under `viz.solution_output()`, whose output is one closed
+    <details> (JupyterLab shows the outputs of every cell it runs): a reader sees the solution
+    only when they ask for it, Run All included."""
     import jupytext
 
     solutions, open_ = 0, []
@@ -360,8 +362,10 @@ def test_solutions_are_collapsed_in_jupyterlab():
                 continue
             solutions += 1
             hidden = cell.metadata.get("jupyter", {})
+            code = [line for line in cell.source.splitlines() if not line.startswith("#")]
             if not (hidden.get("source_hidden") and hidden.get("outputs_hidden")
-                    and "hide-cell" in cell.metadata.get("tags", [])):
+                    and "hide-cell" in cell.metadata.get("tags", [])
+                    and code[0] == "with viz.solution_output():"):
                 open_.append(f"{chapter.name} cell {i}: {cell.source.splitlines()[0]}")
     assert solutions >= 40 and not open_, open_
 

@@ -377,3 +377,44 @@ def test_every_atomic_writer_is_the_checkpoint_helper(tmp_path, monkeypatch):
     data.prepare_image_folder(src, tmp_path / "dst", size=4, progress=False)
     assert written == ["fig.svg", "s.npz", "a.png"]
     assert sorted(os.listdir(tmp_path / "dst")) == ["a.png"]
+
+
+# --- solution_output: a solution's answer stays collapsed after Run All ----------------------
+
+def test_solution_output_outside_a_kernel_prints_and_closes_figures(capsys):
+    before = set(plt.get_fignums())
+    with viz.solution_output():
+        print("the answer is 42")
+        plt.subplots()
+        plt.show()  # a no-op inside the block: the figure is gathered, not shown
+    assert capsys.readouterr().out == "the answer is 42\n[1 figure(s)]\n"
+    assert set(plt.get_fignums()) == before
+
+
+def test_solution_output_in_a_kernel_is_one_closed_details(monkeypatch):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(viz, "_in_kernel", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw: shown.append(obj))
+    with viz.solution_output():
+        print("x < y & 1")
+        for _ in range(2):
+            plt.subplots()[1].plot([0, 1], [1, 0])
+    (out,) = shown
+    page = out["text/html"]
+    assert page.startswith("<details><summary") and "Output of the solution" in page and \
+        page.endswith("</details>") and "<details open" not in page
+    assert "<pre>x &lt; y &amp; 1\n</pre>" in page  # the text, escaped
+    assert page.count('<img src="data:image/png;base64,') == 2
+    assert out["text/plain"] == "x < y & 1\n[2 figure(s)]\n"
+
+
+def test_solution_output_restores_show_and_stdout_on_error(capsys):
+    show = plt.show
+    with pytest.raises(ZeroDivisionError), viz.solution_output():
+        print("before the error")
+        1 / 0  # noqa: B018
+    assert plt.show is show
+    print("after")
+    assert capsys.readouterr().out == "before the error\nafter\n"

@@ -405,6 +405,16 @@ JS_RENDER = """
       const w = window.jupyterapp.shell.currentWidget;
       const cells = w && w.content && w.content.widgets ? Array.from(w.content.widgets) : [];
       const shown = e => !!e && e.getClientRects().length > 0;
+      // an output reveals the answer unless all it shows is a closed <details> summary
+      // (lsgm_edu.viz.solution_output gathers a solution's prints and figures into one)
+      const reveals = o => {
+        if (!shown(o)) return false;
+        if (Array.from(o.querySelectorAll('img, canvas, svg')).some(shown)) return true;
+        const c = o.cloneNode(true);
+        c.querySelectorAll('details:not([open]) > summary').forEach(x => x.remove());
+        c.querySelectorAll('details:not([open])').forEach(x => x.replaceChildren());
+        return c.textContent.trim().length > 0;
+      };
       return cells.filter(c => c.model.type === 'code' &&
                           c.model.sharedModel.getSource().startsWith('# Solution to Exercise'))
         .map(c => ({title: c.model.sharedModel.getSource().split('\\n')[0],
@@ -412,7 +422,7 @@ JS_RENDER = """
                     outputs: c.model.outputs.length,
                     codeShown: shown(c.node.querySelector('.jp-InputArea-editor')),
                     outputShown: Array.from(c.node.querySelectorAll('.jp-OutputArea-output'))
-                      .some(shown)}));
+                      .some(reveals)}));
     })(),
     links: md.flatMap(e => Array.from(e.querySelectorAll('a')))
       // an equation's own permalink "(n)" is an anchor, not a cross-reference
@@ -660,15 +670,14 @@ def check_rendered(page, checks: Checks, code: list[dict], live_widgets: bool,
                  f"{render.get('citeNotFound', 0)} unresolved citation role(s); References "
                  f"list {'shown' if render.get('references') else 'absent'}, the chapter "
                  f"{'cites' if cites else 'cites nothing'}")
-    # Opened, a solution shows neither code nor outputs. Run in the UI, its outputs show:
-    # JupyterLab unhides a cell's outputs whenever it executes it (CodeCell.execute).
+    # Opened, a solution shows neither code nor outputs. Run in the UI, JupyterLab shows the
+    # outputs of every cell it executes (CodeCell.execute unhides them), so a solution's
+    # output must itself be collapsed (a closed <details>, lsgm_edu.viz.solution_output).
     solutions = render.get("solutions", [])
     ran = live_widgets
     shown = [s["title"] for s in solutions if not s["inputHidden"] or s["codeShown"]
-             or (not ran and (not s["outputHidden"] or s["outputShown"]))]
-    checks.check(not shown, "exercise solutions are collapsed "
-                 + ("(code; JupyterLab shows the outputs of cells it runs)" if ran else
-                    "(code and outputs)"),
+             or s["outputShown"] or (not ran and not s["outputHidden"])]
+    checks.check(not shown, "exercise solutions are collapsed (code and outputs)",
                  "shown: " + "; ".join(shown) if shown else
                  f"{len(solutions)} solution cell(s), "
                  f"{sum(s['outputs'] > 0 for s in solutions)} with outputs")
