@@ -294,7 +294,7 @@ BREAKAGES = {
     "duplicate-label": ("book/01_scores_and_langevin.md", None,
                         "(ch-scores-langevin)=\n## Again", "ch-scores-langevin"),
     "notebook-download": ("book/13_scaling_up.md",
-                          (("  - file: ../_build/notebooks/13_scaling_up.ipynb\n"
+                          (("downloads:\n  - file: ../_build/notebooks/13_scaling_up.ipynb\n"
                             "    title: Notebook (.ipynb)\n"), ""), None,
                           "book/13_scaling_up.md: the page offers"),
     "chapter-not-in-index": ("book/index.md", ("](#ch-scaling)", "](https://example.org)"),

@@ -129,10 +129,13 @@ def prepare(root: Path, work: Path) -> dict:
 
 def write_download_notebooks(root: Path) -> list[Path]:
     """The chapters' reader's notebooks (tools/reader_notebook.py, no outputs) in
-    `root/_build/notebooks/`: the website offers each chapter as one (its `downloads`)."""
+    `root/_build/notebooks/`: the website offers each chapter as one (its `downloads`). The
+    citations come from the first bibliography of `root/myst.yml`."""
+    config = yaml.safe_load((root / "myst.yml").read_text(encoding="utf-8")) or {}
+    bibs = (config.get("project") or {}).get("bibliography") or []
     chapters = sorted((root / "book").glob("[0-9][0-9]_*.md"))
     return reader_notebook.build(chapters, root / "_build" / "notebooks",
-                                 reader_notebook.Bibliography(root / "book" / "references.bib"))
+                                 reader_notebook.Bibliography(root / bibs[0] if bibs else None))
 
 
 def chapters_missing_from_index(root: Path, toc: list[str]) -> list[str]:
@@ -480,8 +483,8 @@ def missing_outputs(content: Path, toc: list[str]) -> list[str]:
 
 
 def missing_downloads(content: Path, toc: list[str]) -> list[str]:
-    """Chapters whose page does not offer their notebook (.ipynb) and source (.md) for
-    download (the `downloads` of the chapter's front matter)."""
+    """Chapters whose page does not offer their notebook (.ipynb) for download (the
+    `downloads` of the chapter's front matter)."""
     problems = []
     for page in content.glob("*.json"):
         data = json.loads(page.read_text(encoding="utf-8"))
@@ -490,11 +493,11 @@ def missing_downloads(content: Path, toc: list[str]) -> list[str]:
             continue
         offered = {d.get("filename") for d in data["frontmatter"].get("downloads") or []
                    if d.get("static")}
-        wanted = {Path(rel).stem + ".ipynb", Path(rel).name}
-        if not wanted <= offered:
+        wanted = Path(rel).stem + ".ipynb"
+        if wanted not in offered:
             problems.append(f"{rel}: the page offers {sorted(offered) or 'no download'}, "
-                            f"not {sorted(wanted)}; add them to the chapter's front matter "
-                            "`downloads:` (file: ../_build/notebooks/<chapter>.ipynb and the .md)")
+                            f"not {wanted}; add it to the chapter's front matter `downloads:` "
+                            f"(file: ../_build/notebooks/{wanted})")
     return problems
 
 

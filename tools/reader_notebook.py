@@ -67,11 +67,12 @@ class Bibliography:
     """The entries of a .bib file, with their author-year labels (2020a, 2020b when two
     entries would read the same) and links."""
 
-    def __init__(self, path: Path = BIBLIOGRAPHY):
-        from pybtex.database import parse_file
+    def __init__(self, path: Path | None = BIBLIOGRAPHY):
+        """`path` None: no entries (a project without a bibliography)."""
+        from pybtex.database import BibliographyData, parse_file
 
-        self.path = Path(path)
-        self.data = parse_file(str(self.path))
+        self.path = None if path is None else Path(path)
+        self.data = BibliographyData() if path is None else parse_file(str(self.path))
         labels = {key: author_year(e) for key, e in self.data.entries.items()}
         same: dict[tuple[str, str], list[str]] = {}
         for key, label in labels.items():
@@ -96,7 +97,7 @@ class Bibliography:
         unknown = [k for k in keys if k not in self.data.entries]
         if unknown:
             raise CitationError(f"{where}: unknown citation key(s) {', '.join(unknown)}; add them "
-                             f"to {self.path} or fix the spelling")
+                                f"to {self.path or 'a bibliography'} or fix the spelling")
 
 
 def _linked(text: str, url: str) -> str:
