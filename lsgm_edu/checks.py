@@ -8,6 +8,7 @@ the fix, and returns the value converted where that helps (ints, floats, shapes,
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 
@@ -24,10 +25,10 @@ __all__ = [
 
 
 def check_int(fn: str, name: str, v, low: int = 0) -> int:
-    """An int >= low (bools refused)."""
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+    """An integer >= low (a Python or NumPy int; bools refused), returned as an int."""
+    if isinstance(v, bool) or not isinstance(v, Integral) or v < low:
         raise ValueError(f"{fn}: {name} must be an int >= {low}, got {v!r}")
-    return v
+    return int(v)
 
 
 def check_float(fn: str, name: str, v, *, positive: bool = False, low=None, high=None) -> float:

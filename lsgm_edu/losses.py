@@ -675,7 +675,7 @@ def edm_loss(
 
 
 def _check_ddpm_args(fn: str, sde, x0, s=None, t=None) -> None:
-    if getattr(sde, "K", None) != 1 or not hasattr(sde, "marginal_coefficients"):
+    if not sde.scalar_marginals:
         raise ValueError(f"{fn}: needs a scalar linear SDE (VPSDE, SubVPSDE, VESDE), got {sde!r}")
     _check_data(x0, fn)
     for name, v in (("s", s), ("t", t)):

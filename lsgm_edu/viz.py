@@ -25,6 +25,7 @@ import torch
 from matplotlib.collections import LineCollection
 from matplotlib.colors import Normalize
 
+from lsgm_edu.checks import check_int
 from lsgm_edu.utils import append_dims, randn_like
 
 __all__ = [
@@ -51,12 +52,6 @@ def _to_numpy(v, name: str, last_dim: int | None = 2, ndim: int | None = None) -
         want = "[T, B, 2]" if ndim == 3 else "[N, 2]"
         raise ValueError(f"{name} must have shape {want}, got {a.shape}")
     return a
-
-
-def _check_count(fn: str, name: str, v, low: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, Integral) or v < low:
-        raise ValueError(f"{fn}: {name} must be an int >= {low}, got {v!r}")
-    return int(v)
 
 
 def _times(times, n: int, fn: str) -> np.ndarray:
@@ -143,7 +138,7 @@ def plot_trajectories(ax, traj, max_chains=10, times=None, *, cmap="viridis", no
     added when `colorbar`; extra keywords go to the LineCollection; returns it.
     """
     a = _to_numpy(traj, "traj", ndim=3)
-    n = min(_check_count("plot_trajectories", "max_chains", max_chains), a.shape[1])
+    n = min(check_int("plot_trajectories", "max_chains", max_chains, low=1), a.shape[1])
     kw.setdefault("lw", 0.8 if times is None else 1.0)
     kw.setdefault("alpha", 0.8 if times is None else 0.9)
     if times is None:
@@ -198,8 +193,8 @@ def reverse_sde_frames(sde, score_fn, shape, steps, n_frames, *, sampler=None, g
     """
     from lsgm_edu.samplers import euler_maruyama
 
-    steps = _check_count("reverse_sde_frames", "steps", steps)
-    n_frames = _check_count("reverse_sde_frames", "n_frames", n_frames, low=2)
+    steps = check_int("reverse_sde_frames", "steps", steps, low=1)
+    n_frames = check_int("reverse_sde_frames", "n_frames", n_frames, low=2)
     if n_frames > steps + 1:
         raise ValueError(f"reverse_sde_frames: n_frames must be <= steps + 1 = {steps + 1} (one "
                          f"frame per step and the prior draw), got {n_frames}")
@@ -296,10 +291,10 @@ def plot_forward_reverse(data, sde, *, n_paths=5, n_samples=2000, steps=200, lim
     (`reverse_sde_frames`, `steps` steps); right, the histogram of the prior draws, left, that
     of all `n_samples` outputs, against p_0. Returns the figure.
     """
-    if getattr(data, "dim", None) != 1 or getattr(sde, "K", None) != 1:
+    if getattr(data, "dim", None) != 1 or not sde.scalar_marginals:
         raise ValueError("plot_forward_reverse: data must be a 1-D GaussianMixture (means [K, 1]) "
                          "and sde a scalar SDE (K = 1), e.g. VPSDE()")
-    steps = _check_count("plot_forward_reverse", "steps", steps)
+    steps = check_int("plot_forward_reverse", "steps", steps, low=1)
     data = data.to(dtype=torch.float64)
     ts = torch.linspace(0.0, float(sde.T), steps + 1, dtype=torch.float64)
     if lim is None:  # three standard deviations around every component, at every t
@@ -390,7 +385,7 @@ def animate_particles(frames, times, log_prob_fn, xlim, ylim, *, n_grid=80, hold
 
     a = _to_numpy(frames, "frames", ndim=3)
     t = _times(times, a.shape[0], "animate_particles")
-    hold_last = _check_count("animate_particles", "hold_last", hold_last, low=0)
+    hold_last = check_int("animate_particles", "hold_last", hold_last, low=0)
     density = _density_grids(log_prob_fn, t, xlim, ylim, n_grid)
     fig, ax = plt.subplots(figsize=figsize)
     # 12 flat colour bands, like `plot_density`'s contours: they also keep the GIF small

@@ -7,8 +7,8 @@
     python tools/build_site.py -- --strict     # extra arguments for `jupyter book build`
 
 What it adds to the plain command: each chapter's downloadable notebook is written first
-(_build/notebooks/, tools/reader_notebook.py: citations in author-year form); the notebooks are executed by a Jupyter server that
-mystmd starts with the first `python` on PATH, so this environment's bin folder goes first on
+(_build/notebooks/, tools/reader_notebook.py: citations in author-year form); the notebooks
+are executed by a Jupyter server that mystmd starts with the first `python` on PATH, so this environment's bin folder goes first on
 PATH; as root that server needs `allow_root` (set through a scratch JUPYTER_CONFIG_DIR); and
 mystmd leaves that server running after the build (and the server starts each kernel in a
 session of its own), so the build runs supervised (check_book.run_supervised): every process

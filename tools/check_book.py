@@ -464,13 +464,18 @@ def collect(log: str, mark: str) -> list[str]:
     return located + [b for b in bare if not b.startswith("Site has ")]
 
 
-def missing_outputs(content: Path, toc: list[str]) -> list[str]:
-    """Chapters with code cells whose built page shows no output at all."""
-    problems = []
+def built_pages(content: Path) -> dict[str, dict]:
+    """The pages the build wrote (_build/site/content/*.json), by source path."""
     pages = {}
     for page in content.glob("*.json"):
         data = json.loads(page.read_text(encoding="utf-8"))
         pages[str(data.get("location", "")).lstrip("/")] = data
+    return pages
+
+
+def missing_outputs(pages: dict[str, dict], toc: list[str]) -> list[str]:
+    """Chapters with code cells whose built page shows no output at all."""
+    problems = []
     for rel in toc:
         if not re.match(r"^\d\d_", Path(rel).name):
             continue
@@ -482,13 +487,11 @@ def missing_outputs(content: Path, toc: list[str]) -> list[str]:
     return problems
 
 
-def missing_downloads(content: Path, toc: list[str]) -> list[str]:
+def missing_downloads(pages: dict[str, dict], toc: list[str]) -> list[str]:
     """Chapters whose page does not offer their notebook (.ipynb) for download (the
     `downloads` of the chapter's front matter)."""
     problems = []
-    for page in content.glob("*.json"):
-        data = json.loads(page.read_text(encoding="utf-8"))
-        rel = str(data.get("location", "")).lstrip("/")
+    for rel, data in pages.items():
         if rel not in toc or not re.match(r"^\d\d_", Path(rel).name):
             continue
         offered = {d.get("filename") for d in data["frontmatter"].get("downloads") or []
@@ -579,10 +582,11 @@ def check(root: Path, args: argparse.Namespace) -> int:
         built = {p.stem for p in content.glob("*.json")} if content.is_dir() else set()
         if rc == 0 and not built:
             problems.append("the build wrote no page content (_build/site/content is empty)")
-        if rc == 0 and (args.outputs is not None or args.execute):
-            problems += missing_outputs(content, toc)
         if rc == 0:
-            problems += missing_downloads(content, toc)
+            pages = built_pages(content)
+            if args.outputs is not None or args.execute:
+                problems += missing_outputs(pages, toc)
+            problems += missing_downloads(pages, toc)
 
         elapsed = time.monotonic() - start
         for w in warnings:

@@ -926,25 +926,19 @@ def run_all_table(timed: dict[Path, float], fast: bool) -> str:
 
 
 def write_timings(path: Path, timed: dict[Path, float], fast: bool, root: Path) -> None:
-    import platform
+    """The Run All table as a benchmark result (benchmarks/_common: machine, date, atomic)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _common import machine, utc_now, write_results
 
-    import torch
-
-    record = {
+    write_results({
         "what": "a reader's Run All of each chapter in JupyterLab (tools/screenshot_book.py): "
                 "seconds from the Run menu to every code cell run and the kernel idle",
         "mode": "fast (LSGM_EDU_FAST=1)" if fast else "default",
         "budget_s": RUN_ALL_BUDGET_S,
-        "device": {"cpu": platform.processor() or platform.machine(),
-                   "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                   "torch": torch.__version__, "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine("cpu"),
+        "date": utc_now(),
         "chapters": {c.relative_to(root).as_posix(): round(s, 1) for c, s in timed.items()},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    }, path)
     print(f"wrote {path}")
 
 
