@@ -21,7 +21,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 LAB_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install lab notebooks test test-heavy check-book screenshots timing site bench clean
+.PHONY: help install lab notebooks test test-heavy check-book screenshots timing site bench gpu-check clean
 
 help:
 	@sed -n '2,5p' Makefile | sed 's/^# *//'
@@ -94,9 +94,15 @@ timing: $(STAMP)
 site: $(STAMP)
 	$(PY) tools/build_site.py
 
+# Every CPU benchmark with its defaults (gpu_check needs CUDA: `make gpu-check`).
 bench: $(STAMP)
 	@ls benchmarks/[a-z]*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
-	for b in benchmarks/[a-z]*.py; do $(PY) $$b || exit 1; done
+	for b in benchmarks/[a-z]*.py; do [ $$b = benchmarks/gpu_check.py ] || $(PY) $$b || exit 1; done
+
+# On a CUDA machine: the gpu tests, training throughput (bf16, with and without torch.compile),
+# a killed-and-resumed run and the samplers, into benchmarks/results/gpu_check_<device>.json.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(BUILD) _build book/_build book/*.ipynb

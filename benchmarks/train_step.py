@@ -28,9 +28,16 @@ from pathlib import Path
 import torch
 
 from lsgm_edu.configs import load_config
+from lsgm_edu.data import DATASETS
 from lsgm_edu.objectives import Batch, BatchGenerator
 from lsgm_edu.registry import MODELS
-from lsgm_edu.train import TrainState, resolve_precision, train_step, training_setup
+from lsgm_edu.train import (
+    TrainState,
+    backward_losses,
+    resolve_precision,
+    train_step,
+    training_setup,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, utc_now, write_results
@@ -73,17 +80,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def backward(loss, state: TrainState) -> None:
-    """The backward pass(es) of `train_step`: one loss, or (LSGM) each model's own loss into that
-    model's parameters only."""
-    if not isinstance(loss, dict):
-        loss.float().mean().backward()
-        return
-    for i, (name, part) in enumerate(loss.items()):
-        part.float().mean().backward(inputs=list(state.modules[name].parameters()),
-                                     retain_graph=i < len(loss) - 1)
-
-
 def bench(config: str, batch_size: int, steps: int, warmup: int, device: str, precision: str,
           compile_model: bool, checkpointing: bool, overrides: list[str]) -> dict:
     lsgm = is_lsgm(load_config(config))
@@ -104,8 +100,8 @@ def bench(config: str, batch_size: int, steps: int, warmup: int, device: str, pr
         state.wrap(torch.compile)
     amp_dtype = resolve_precision(cfg.train.precision, dev)
     g = torch.Generator().manual_seed(0)
-    c, s = cfg.model.num_channels, cfg.model.image_size
-    x0 = torch.rand((batch_size, c, s, s), generator=g)
+    shape = DATASETS[cfg.data.dataset].image_shape  # the data (phase space adds momenta)
+    x0 = torch.rand((batch_size, *shape), generator=g)
     x0 = (x0 * 2 - 1 if cfg.data.centered else x0).to(dev)  # model space: [-1, 1] or [0, 1]
     if cuda and cfg.train.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -130,7 +126,7 @@ def bench(config: str, batch_size: int, steps: int, warmup: int, device: str, pr
     counter = FlopCounterMode(display=False)
     with counter:  # eager, uncompiled count of one step's forward and backward
         loss, _ = setup.objective(state.modules, batch, BatchGenerator(g, batch_size, device=dev))
-        backward(loss, state)
+        backward_losses(loss, state)
     for opt in state.optimizers.values():
         opt.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()

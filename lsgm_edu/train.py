@@ -13,7 +13,9 @@ Every random draw of step k (data order, flips, dequantization noise, t, z, drop
 generators seeded by (seed, k) and is drawn for the *global* batch before each rank takes its
 slice, so (i) a run resumed from a checkpoint continues bit for bit, and (ii) N ranks with
 global batch B compute what one process with batch B computes (dropout aside: its masks come
-from the global RNG, reseeded per step and rank).
+from the global RNG, reseeded per step and rank). The same holds for gradient accumulation:
+`train.micro_batch` splits each process's rows into micro-batches that keep their rows of the
+global draws (`micro_batches`), so the paper's global batch runs on fewer or smaller GPUs.
 
 Checkpoint tensors are named by model: `<model>/<param>`, `ema/<model>/<param>` and
 `opt/<model>/<param>/<state>` (Adam's state by parameter name, not by position).
@@ -21,6 +23,7 @@ Checkpoint tensors are named by model: `<model>/<param>`, `ema/<model>/<param>` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -32,7 +35,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +186,21 @@ def _all_reduce_mean(v: torch.Tensor, d: Dist) -> torch.Tensor:
         dist.all_reduce(v)
         v /= d.world_size
     return v
+
+
+def _check_same_start(start: int, ckpt_dir: Path, d: Dist) -> None:
+    """Every process must resume from the same step: with several nodes, --out has to be on a
+    filesystem they all share (rank 0 alone writes the checkpoints)."""
+    if d.world_size == 1:
+        return
+    steps = torch.tensor([start, -start], dtype=torch.int64, device=d.device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    low, high = -int(steps[1]), int(steps[0])
+    if low != high:
+        raise ckpt.CheckpointError(
+            f"{ckpt_dir}: the processes resume from different steps ({low} to {high}; rank "
+            f"{d.rank} sees {start}): the run folder (--out) must be on a filesystem shared by "
+            f"every node, since rank 0 alone writes it")
 
 
 def _barrier(d: Dist) -> None:
@@ -540,38 +557,88 @@ class StepStats:
     logs: dict[str, float]
 
 
-def train_step(state: TrainState, objective, batch: Batch, generator: BatchGenerator, step: int,
-               *, amp_dtype: torch.dtype | None = None, reduce: Callable | None = None
-               ) -> StepStats:
-    """One optimisation step: objective forward (autocast), backward, per-model clipping, the
-    NaN guard, one AdamW step per model at its warmup learning rate, the EMAs.
+def micro_batches(batch: Batch, generator: BatchGenerator, micro_batch: int):
+    """(Batch, BatchGenerator, weight) for each micro-batch of `micro_batch` rows of this
+    process's batch (`micro_batch` 0: the batch itself, weight 1).
 
-    `reduce` averages a tensor over processes (identity for one process). Raises
-    `TrainingDiverged` before any update when the loss or a gradient norm is not finite.
+    Every micro-batch's generator starts where the step's does and keeps its own rows of the
+    same global draws, so the micro-batches see exactly the random numbers of the full batch;
+    `weight` (rows / batch rows) makes the summed gradients the full batch's mean gradient.
     """
-    device_type = batch.x.device.type
-    amp = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    with amp:
-        loss, logs = objective(state.forward, batch, generator)
-    for opt in state.optimizers.values():
-        opt.zero_grad(set_to_none=True)
+    rows = len(batch.x)
+    if not micro_batch or micro_batch >= rows:
+        yield batch, generator, 1.0
+        return
+    if rows % micro_batch:
+        raise ValueError(f"train.micro_batch={micro_batch} must divide the {rows} rows each "
+                         f"process trains on (train.batch_size / processes)")
+    offset = generator.rank_slice.start or 0
+    state = generator.generator.get_state()
+    for lo in range(0, rows, micro_batch):
+        hi = lo + micro_batch
+        gen = torch.Generator(device=generator.generator.device)
+        gen.set_state(state)
+        part = Batch(batch.x[lo:hi], None if batch.y is None else batch.y[lo:hi], batch.step)
+        yield (part, BatchGenerator(gen, generator.global_size,
+                                    slice(offset + lo, offset + hi), generator.device),
+               micro_batch / rows)
+
+
+def _no_sync(state: TrainState, sync: bool):
+    """DDP's `no_sync` for every wrapped model unless `sync`: gradients of all but the last
+    micro-batch accumulate locally and are all-reduced once."""
+    stack = contextlib.ExitStack()
+    if not sync:
+        for module in state.forward.values():
+            if hasattr(module, "no_sync"):
+                stack.enter_context(module.no_sync())
+    return stack
+
+
+def backward_losses(loss, state: TrainState, weight: float = 1.0) -> torch.Tensor:
+    """Backpropagate `weight` × the batch-mean loss; returns the loss that is logged."""
     if isinstance(loss, dict):  # each model descends its own loss (LSGM: the VAE q, the SGM p)
         _check_model_losses(loss, state)
         parts = [(n, loss[n]) for n in loss if n in state.specs]  # a frozen model's: not descended
         for i, (name, part) in enumerate(parts):
-            part.float().mean().backward(inputs=list(state.modules[name].parameters()),
-                                         retain_graph=i < len(parts) - 1)
-        loss = parts[0][1]  # logged as "loss": the first trained model's
-    else:
-        loss.float().mean().backward()
+            (part.float().mean() * weight).backward(
+                inputs=list(state.modules[name].parameters()), retain_graph=i < len(parts) - 1)
+        return parts[0][1]  # logged as "loss": the first trained model's
+    (loss.float().mean() * weight).backward()
+    return loss
+
+
+def train_step(state: TrainState, objective, batch: Batch, generator: BatchGenerator, step: int,
+               *, amp_dtype: torch.dtype | None = None, reduce: Callable | None = None,
+               micro_batch: int = 0) -> StepStats:
+    """One optimisation step: objective forward (autocast), backward, per-model clipping, the
+    NaN guard, one AdamW step per model at its warmup learning rate, the EMAs.
+
+    `micro_batch` > 0 accumulates the gradient over micro-batches of that many rows
+    (`micro_batches`): the same step as the whole batch, up to float summation order, when the
+    objective draws all its randomness from `generator` (dropout masks and batch statistics
+    differ). `reduce` averages a tensor over processes (identity for one process). Raises
+    `TrainingDiverged` before any update when the loss or a gradient norm is not finite.
+    """
+    device_type = batch.x.device.type
+    for opt in state.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    parts = list(micro_batches(batch, generator, micro_batch))
+    scalars = 0.0
+    for i, (part, part_generator, weight) in enumerate(parts):
+        amp = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with _no_sync(state, sync=i == len(parts) - 1):
+            with amp:
+                loss, logs = objective(state.forward, part, part_generator)
+            loss = backward_losses(loss, state, weight)
+        scalars = scalars + weight * torch.stack(
+            [loss.detach().float().mean()]
+            + [torch.as_tensor(v).detach().float().mean().to(loss.device) for v in logs.values()])
     grad_norms = {}
     for name, spec in state.specs.items():
         clip = spec.grad_clip
         grad_norms[name] = torch.nn.utils.clip_grad_norm_(state.modules[name].parameters(),
                                                           clip if clip > 0 else math.inf)
-    scalars = torch.stack([loss.detach().float().mean()]
-                          + [torch.as_tensor(v).detach().float().mean().to(loss.device)
-                             for v in logs.values()])
     values = (reduce(scalars) if reduce else scalars).tolist()
     stats = StepStats(loss=values[0], grad_norms={n: float(g) for n, g in grad_norms.items()},
                       lrs={n: s.lr_at(step) for n, s in state.specs.items()},
@@ -743,7 +810,9 @@ def sample_images(score_model, sde, cfg_sampling, n, *, steps=None, y=None, gene
     kw = {"eps": eps, "generator": generator, "device": device, "progress": progress}
     striding = getattr(cfg_sampling, "striding", "uniform")
     if cfg_sampling.method == "pc":
-        predictor = "reverse_diffusion" if steps == sde.N else "euler_maruyama"
+        predictor = getattr(cfg_sampling, "predictor", "auto")
+        if predictor == "auto":
+            predictor = "reverse_diffusion" if steps == sde.N else "euler_maruyama"
         x = samplers.predictor_corrector(sde, score_fn, shape, steps, cfg_sampling.snr,
                                          cfg_sampling.n_corrector, predictor=predictor, **kw)
         nfe = steps * (1 + cfg_sampling.n_corrector)
@@ -841,6 +910,11 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, device: str 
         raise ConfigError(
             f"train.batch_size={tc.batch_size} is not divisible by the {d.world_size} processes"
         )
+    if tc.micro_batch and (tc.batch_size // d.world_size) % tc.micro_batch:
+        raise ConfigError(
+            f"train.micro_batch={tc.micro_batch} does not divide the "
+            f"{tc.batch_size // d.world_size} rows of each of the {d.world_size} processes "
+            f"(train.batch_size={tc.batch_size}); pick a divisor of it")
     if dataset is None:
         dataset = data_module.load_dataset(cfg.data.dataset, "train", cfg.data.data_dir,
                                            download=cfg.data.download)
@@ -919,6 +993,7 @@ def _train(cfg, out, folder, d, state, setup, dataset, resume, progress, log) ->
             log(f"resuming from step {start} ({last_ckpt})")
     elif resume and ckpt.list_checkpoints(ckpt_dir):
         raise ckpt.CheckpointError(f"{ckpt_dir}: no usable checkpoint to resume from")
+    _check_same_start(start, ckpt_dir, d)
     if found is None and setup.prepare is not None:
         setup.prepare(state.modules,
                       functools.partial(_training_batches, dataset, cfg, num_levels, d.device),
@@ -977,7 +1052,8 @@ def _train(cfg, out, folder, d, state, setup, dataset, resume, progress, log) ->
                 try:
                     stats = train_step(state, setup.objective, batch,
                                        BatchGenerator(gen, tc.batch_size, rank_slice, d.device),
-                                       step, amp_dtype=amp_dtype, reduce=reduce)
+                                       step, amp_dtype=amp_dtype, reduce=reduce,
+                                       micro_batch=tc.micro_batch)
                 except TrainingDiverged as e:
                     raise TrainingDiverged(f"{e}, {_last_good(last_ckpt)}. Lower train.lr, check "
                                            f"the data scaling, or try train.precision=fp32."

@@ -69,6 +69,7 @@ class TrainConfig:
 
     n_iters: int = 1_300_000
     batch_size: int = 128  # global batch, split over DDP ranks
+    micro_batch: int = 0  # rows per forward/backward in each process (gradient accumulation); 0: all
     eps: float = 1e-5  # smallest diffusion time in training and likelihood (Song et al. 2021)
     lr: float = 2e-4
     beta1: float = 0.9
@@ -97,6 +98,9 @@ class TrainConfig:
 @dataclass
 class SamplingConfig:
     method: str = "pc"  # pc | em | ode | sscs (phase-space SDEs of the complete recipe)
+    # pc's predictor: reverse_diffusion | euler_maruyama (the reference's VE / VP configs);
+    # auto: reverse diffusion when the steps equal the SDE's N, else Euler-Maruyama
+    predictor: str = "auto"
     striding: str = "uniform"  # time grid of pc / em / sscs: uniform | quadratic
     eps: float = 1e-3  # where samplers stop (Song et al. 2021, App. C: 1e-3 VP, 1e-5 VE)
     steps: int = 1000
@@ -188,6 +192,7 @@ class Config:
 _CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"),
     "sampling.method": ("pc", "em", "ode", "sscs"),
+    "sampling.predictor": ("auto", "reverse_diffusion", "euler_maruyama"),
     "sampling.striding": ("uniform", "quadratic"),
     "lsgm.iw_sample_p": ("ll_uniform", "ll_iw", "drop_all_uniform", "drop_all_iw",
                          "drop_sigma2t_uniform", "drop_sigma2t_iw"),
@@ -375,9 +380,13 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
     for key, value in {"train.warmup": t.warmup, "train.grad_clip": t.grad_clip,
                        "train.sample_grid": t.sample_grid, "train.weight_decay": t.weight_decay,
+                       "train.micro_batch": t.micro_batch,
                        "data.num_workers": cfg.data.num_workers}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if t.micro_batch and t.batch_size % t.micro_batch:
+        raise ConfigError(f"train.micro_batch={t.micro_batch} must divide train.batch_size="
+                          f"{t.batch_size} (each process accumulates whole micro-batches)")
     if not t.adam_eps > 0:
         raise ConfigError(f"train.adam_eps must be > 0, got {t.adam_eps}")
     if not _RUN_NAME.fullmatch(cfg.name):
