@@ -328,6 +328,40 @@ def test_book_check_flags_chapter_missing_from_toc(book_copy: Path):
     assert "99_not_in_toc.md" in out and "toc" in out
 
 
+# --- each chapter says how long it runs -----------------------------------------------------
+# The line under each title is written from benchmarks/results/chapter_times_{default,fast}_cpu.json
+# (`python benchmarks/chapter_times.py [--fast]`, then `--write-chapters`).
+
+def test_chapters_state_their_measured_running_time():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import chapter_times
+
+    measured = chapter_times.measured_seconds()
+    for chapter in CHAPTERS:
+        name = chapter.relative_to(REPO).as_posix()
+        assert name in measured, f"{name} has no measured running time in both modes: run " \
+            f"benchmarks/chapter_times.py {name} (and with --fast), then --write-chapters"
+        lines = chapter_times.RUNNING_TIME.findall(chapter.read_text())
+        assert lines == [chapter_times.running_time_line(*measured[name])], \
+            f"{name}: its running-time line is not the measured one (or is missing); run " \
+            "python benchmarks/chapter_times.py --write-chapters"
+
+
+def test_running_time_line_goes_under_the_title_once():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from chapter_times import running_time_line, with_running_time
+
+    text = "(ch-x)=\n# Title\n\nIntro.\n"
+    once = with_running_time(text, running_time_line(250.0, 21.4))
+    assert once == ("(ch-x)=\n# Title\n\n**Running time.** About 4 min in the default mode on two "
+                    "CPU cores; 21 s in fast mode (`LSGM_EDU_FAST=1`, what the tests run). Measured "
+                    "with `benchmarks/chapter_times.py`.\n\nIntro.\n")
+    again = with_running_time(once, running_time_line(30.0, 9.6))
+    assert again.count("**Running time.**") == 1 and "Under a minute" in again and "10 s" in again
+    with pytest.raises(ValueError, match="no '# Title' line"):
+        with_running_time("no title here\n", "x")
+
+
 # --- no directive split across notebook cells ----------------------------------------------
 # A code cell written inside a directive (a dropdown holding a solution's code) is split by
 # jupytext: the directive's two ends land in different markdown cells, and JupyterLab shows
