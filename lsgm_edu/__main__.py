@@ -1,4 +1,4 @@
-"""Command line: python -m lsgm_edu train | sample | likelihood | eval | ...
+r"""Command line: python -m lsgm_edu train | sample | likelihood | eval | ...
 
 Examples:
     python -m lsgm_edu train --config mnist28_ddpmpp_vp --out runs/mnist
@@ -10,6 +10,11 @@ Examples:
     python -m lsgm_edu train --config lsgm_mnist_book --stage lsgm --out runs/lsgm \
         --vae-checkpoint runs/vae/checkpoints/step_00003000.json
     python -m lsgm_edu eval --metric nll --checkpoint runs/lsgm/checkpoints/step_00020000.json
+    torchrun --nproc_per_node 8 -m lsgm_edu generate --checkpoint CKPT --num-samples 50000 \
+        --out samples/c10                                   # resumable, one PNG per image
+    python -m lsgm_edu eval --images samples/c10 --inception-weights PATH --ref-stats stats.npz
+    python -m lsgm_edu convert-score-sde --checkpoint checkpoint_26.pth \
+        --config cifar10_ddpmpp_vp --out converted/         # an official Score SDE checkpoint
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from pathlib import Path
 
 DEBUG_HELP = "on an error, print the traceback (for bug reports; also LSGM_EDU_DEBUG=1)"
 SAMPLE_SEED_STREAM = 8  # image i of `sample` / `eval` is drawn with derived_seed(seed, 8, i)
-REFERENCE_SUBSET_SEED = 0  # which reference images keep their features for KID
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -283,7 +287,8 @@ def _add_sampler_options(p) -> None:
 
 def _sampler_info(cfg) -> dict:
     return {"method": cfg.sampling.method, "steps": cfg.sampling.steps, "snr": cfg.sampling.snr,
-            "n_corrector": cfg.sampling.n_corrector, "striding": cfg.sampling.striding}
+            "n_corrector": cfg.sampling.n_corrector, "striding": cfg.sampling.striding,
+            "predictor": cfg.sampling.predictor}
 
 
 def cmd_eval(args) -> int:
@@ -294,6 +299,12 @@ def cmd_eval(args) -> int:
     from lsgm_edu import metrics
     from lsgm_edu.train import load_score_model
 
+    if args.images is not None:
+        from lsgm_edu.generate import cmd_eval_images
+
+        return cmd_eval_images(args)
+    if args.checkpoint is None:
+        raise UsageError("eval needs --checkpoint CKPT (or --images DIR, a generate folder)")
     if args.metric == "nll" or _is_lsgm_checkpoint(args.checkpoint):
         return _lsgm_eval(args)
     if args.metric == "bpd":  # the PF-ODE likelihood of test data, as `likelihood` computes it
@@ -334,7 +345,7 @@ def cmd_eval(args) -> int:
         return 0
 
     extractor = metrics.InceptionFeatures(args.inception_weights).to(args.device)
-    ref_stats = _reference_statistics(args, cfg, extractor, levels)
+    ref_stats = _reference_statistics(args, cfg, extractor)
     batches = (_to_8bit(b, levels) for b in sample_batches(model, cfg, n, args.batch_size,
                                                               args.seed, args.device, nfe=nfe))
     is_splits = min(10, n)
@@ -471,7 +482,8 @@ def _lsgm_eval(args) -> int:
 
     if args.metric not in ("nll", "classifier-fid"):
         raise ValueError(f"eval --metric {args.metric}: an LSGM checkpoint is evaluated with "
-                         f"--metric nll or classifier-fid")
+                         f"--metric nll or classifier-fid here; for the Inception FID / IS / KID, "
+                         f"write its samples with `generate` and run `eval --images DIR`")
     models, sde, cfg = load_lsgm(args.checkpoint, device=args.device)
     if args.metric == "classifier-fid":
         return _lsgm_classifier_fid(args, models, sde, cfg)
@@ -573,52 +585,28 @@ def _lsgm_classifier_fid(args, models, sde, cfg) -> int:
     return 0
 
 
-def _reference_statistics(args, cfg, extractor, levels):
+def _reference_statistics(args, cfg, extractor):
     """Load --ref-stats, or compute them from the training set (and save them there)."""
-    import torch
+    from lsgm_edu.generate import reference_statistics
 
-    from lsgm_edu import data as data_module
-    from lsgm_edu import metrics
-
-    if args.ref_stats and Path(args.ref_stats).is_file():
-        return metrics.ImageStats.load(args.ref_stats)
-    train_set = data_module.load_dataset(cfg.data.dataset, "train", args.data_dir)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=250)
-    k = min(args.kid_features, len(train_set))
-    stats = metrics.compute_reference_statistics(
-        (_to_8bit(x, levels) for x, _ in loader), extractor.features, device=args.device,
-        keep_features=k, seed=REFERENCE_SUBSET_SEED,
-        source=f"{cfg.data.dataset} train, all {len(train_set)} images; features of a random "
-               f"subset of {k} (seed {REFERENCE_SUBSET_SEED}) kept for KID")
-    if args.ref_stats:
-        stats.save(args.ref_stats)
-    return stats
+    return reference_statistics(args.ref_stats, cfg.data.dataset, extractor.features,
+                                data_dir=args.data_dir, kid_features=args.kid_features,
+                                device=args.device)
 
 
 def _kid(args, features, ref_stats):
     """(KID mean and std, or None; the protocol that says how or why not)."""
-    import torch
+    from lsgm_edu.generate import kid_against_reference
 
-    from lsgm_edu import metrics
-    from lsgm_edu.train import seeded_generator
+    return kid_against_reference(features, ref_stats, subsets=args.kid_subsets,
+                                 subset_size=args.kid_subset_size, seed=args.seed,
+                                 device=args.device)
 
-    if len(features) < 2:
-        return None, "not computed (--kid-features below 2)"
-    if ref_stats.features is None or len(ref_stats.features) < 2:
-        return None, ("not computed: the reference statistics hold no features (TTUR / "
-                      "pytorch-fid files keep only mu and sigma); recompute them with "
-                      "--data-dir and a new --ref-stats path")
-    ref = torch.from_numpy(ref_stats.features)
-    size = min(args.kid_subset_size, len(features), len(ref))
-    kid = metrics.kernel_inception_distance(
-        features.to(args.device), ref.to(args.device), subsets=args.kid_subsets,
-        subset_size=size, generator=seeded_generator(args.seed, 9))
-    return kid, (
-        f"unbiased MMD^2 with the kernel (x.y / d + 1)^3, mean and std over {args.kid_subsets} "
-        f"subsets of {size} rows drawn without replacement (seed derived from {args.seed}), "
-        f"between the pool features of the first {len(features)} samples and the "
-        f"{len(ref)} reference features stored in the statistics file (a seeded uniformly "
-        f"random subset of the reference images)")
+
+def cmd_convert_score_sde(args) -> int:
+    from lsgm_edu.convert import cmd_convert_score_sde as convert
+
+    return convert(args)
 
 
 def cmd_train_classifier(args) -> int:
@@ -758,6 +746,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_png_file, default="samples.png")
     p.set_defaults(fn=cmd_sample)
 
+    from lsgm_edu.generate import add_eval_images_options, add_generate_parser
+
+    add_generate_parser(sub, common)
+
+    p = command("convert-score-sde", help="convert an official score_sde_pytorch checkpoint "
+                                          "(checkpoint_N.pth) into an lsgm_edu checkpoint")
+    p.add_argument("--checkpoint", required=True, help="the official checkpoint_N.pth")
+    p.add_argument("--config", required=True,
+                   help="the lsgm_edu config of its architecture: cifar10_ddpmpp_vp, "
+                        "cifar10_ddpmpp_deep_vp, cifar10_ncsnpp_ve, cifar10_ncsnpp_deep_ve or "
+                        "celebahq256_ncsnpp_ve (data/README.md: which official folder is which)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable), as for train")
+    p.add_argument("--out", required=True,
+                   help="output folder: writes <config>_<checkpoint stem>.{safetensors,json}")
+    p.add_argument("--raw", action="store_true",
+                   help="also keep the trained (non-EMA) weights, under score/")
+    p.add_argument("--force", action="store_true", help="replace the output if it exists")
+    p.set_defaults(fn=cmd_convert_score_sde)
+
     p = command("likelihood", help="bits/dim of test data through the PF-ODE")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="test")
@@ -771,7 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_likelihood)
 
     p = command("eval", help="FID / IS / KID or classifier-feature FID of samples")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="the model to sample (or --images DIR)")
+    add_eval_images_options(p)
     p.add_argument("--metric", default="fid", choices=["fid", "classifier-fid", "bpd", "nll"],
                    help="fid (with IS), classifier-fid (digits), bpd (PF-ODE bits/dim) or nll "
                         "(an LSGM's bound in nats)")

@@ -80,9 +80,12 @@ def build_score_model(cfg: Config, sde=None) -> ScoreModel:
     return score_model_of(build_model(cfg.model), sde, cfg)
 
 
-def score_model_of(net: nn.Module, sde, cfg: Config) -> ScoreModel:
-    """The ε-parameterized score of `net` as `cfg` trains it (data centering, mixed score)."""
-    return ScoreModel(net, sde, centered=cfg.data.centered, mixed_score=cfg.train.mixed_score)
+def score_model_of(net: nn.Module, sde, cfg: Config, parameterization: str = "eps") -> ScoreModel:
+    """The ε-parameterized score of `net` as `cfg` trains it (data centering, mixed score);
+    `parameterization` as a checkpoint's sidecar records it ("scale_by_sigma": converted from
+    score_sde's VE models, lsgm_edu.convert)."""
+    return ScoreModel(net, sde, centered=cfg.data.centered, mixed_score=cfg.train.mixed_score,
+                      parameterization=parameterization)
 
 
 def derived_seed(seed: int, *keys: int) -> int:
@@ -1244,7 +1247,8 @@ def load_score_model(path: str | Path, *, ema: bool = True, device="cpu", name: 
     if not state:
         raise ckpt.CheckpointError(f"{path}: no '{prefix}' tensors in this checkpoint")
     ckpt.load_module_state(net, _finite_state(state, path, prefix), str(path), prefix)
-    return score_model_of(net.to(device).eval(), sde, cfg), cfg
+    return score_model_of(net.to(device).eval(), sde, cfg,
+                          meta.get("parameterization", "eps")), cfg
 
 
 def export_ema(checkpoint_path: str | Path, out_stem: str | Path, note: str = "",
@@ -1262,7 +1266,7 @@ def export_ema(checkpoint_path: str | Path, out_stem: str | Path, note: str = ""
     small = {"kind": "ema", "step": meta["step"], "config": meta["config"], "note": note,
              "torch": meta.get("torch"), "exported_from": Path(checkpoint_path).name,
              "state_layout": meta.get("state_layout"), "models": meta.get("models"),
-             "evaluation": evaluation}
+             "parameterization": meta.get("parameterization"), "evaluation": evaluation}
     return ckpt.save_checkpoint(out_stem, ema_tensors, {k: v for k, v in small.items()
                                                         if v is not None})
 

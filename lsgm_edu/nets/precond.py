@@ -22,6 +22,9 @@ from lsgm_edu.kernel import eps_to_score
 from lsgm_edu.utils import append_dims, phase_apply
 
 _TIME_INPUTS = ("noise_label", "t")
+# What the raw network predicts: the noise ε (ours), or σ(t) times the score with SMLD's noise
+# level σ(t) = sde.noise_scale(t) (score_sde's `scale_by_sigma` VE models, lsgm_edu.convert).
+PARAMETERIZATIONS = ("eps", "scale_by_sigma")
 
 
 class ScoreModel(nn.Module):
@@ -39,17 +42,25 @@ class ScoreModel(nn.Module):
     when no noise enters x (the reverse drift uses G G^T s). `mixed_score` adds CLD's Normal
     part: s_m = -m / Σ_mm(t) - ε̂_m / L_mm with Σ_mm the momentum variance of the HSM kernel
     (Dockhorn et al. 2022, Sec. 3.3).
+
+    parameterization="scale_by_sigma" reads the network the way score_sde's VE models were
+    trained (`model.scale_by_sigma`, `models/utils.get_score_fn`): its output is σ(t) s with
+    SMLD's σ(t) = σ_min (σ_max/σ_min)^t (`sde.noise_scale`), so s = net / σ(t), and
+    ε̂ = -σ_t s with the exact std σ_t = sqrt(σ(t)² - σ_min²). Checkpoints converted from
+    score_sde (`lsgm_edu.convert`) record it in their sidecar.
     """
 
     def __init__(self, net: nn.Module, sde, centered: bool = True, *,
-                 time_input: str = "noise_label", mixed_score: bool = False):
+                 time_input: str = "noise_label", mixed_score: bool = False,
+                 parameterization: str = "eps"):
         super().__init__()
-        _check_score_args(sde, centered, time_input, mixed_score)
+        _check_score_args(sde, centered, time_input, mixed_score, parameterization)
         self.net = net
         self.sde = sde
         self.centered = centered
         self.time_input = time_input
         self.mixed_score = mixed_score
+        self.parameterization = parameterization
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The noise prediction ε̂(z_t, t) of the whole state (zeros where the head is silent)."""
@@ -57,9 +68,10 @@ class ScoreModel(nn.Module):
 
     def _eps(self, x, t, y=None, scale=None) -> torch.Tensor:
         """`eps`, reusing the kernel scale L_t when the caller has it (`scale`)."""
-        c = self.sde.noise_label(t) if self.time_input == "noise_label" else t
-        x_in = x if self.centered else 2 * x - 1
-        out = self.net(x_in, c) if y is None else self.net(x_in, c, y)
+        out = self._net_out(x, t, y)
+        if self.parameterization == "scale_by_sigma":  # ε̂ = -σ_t s = -σ_t net / σ(t)
+            ratio = self._scale(x, t) / self._noise_scale(x, t)
+            return -append_dims(ratio.to(x.dtype), x.ndim) * out
         if out.shape == x.shape:
             if self.mixed_score:
                 raise ValueError("ScoreModel: mixed_score needs the momentum head (a network "
@@ -67,6 +79,12 @@ class ScoreModel(nn.Module):
                                  "whole state")
             return out
         return self._momentum_head(out, x, t, scale)
+
+    def _net_out(self, x, t, y=None) -> torch.Tensor:
+        """The raw network at (x, c(t)), x rescaled to [-1, 1] when the data are not centered."""
+        c = self.sde.noise_label(t) if self.time_input == "noise_label" else t
+        x_in = x if self.centered else 2 * x - 1
+        return self.net(x_in, c) if y is None else self.net(x_in, c, y)
 
     def _momentum_head(self, eps_m: torch.Tensor, z: torch.Tensor, t: torch.Tensor, scale=None):
         """(0, ε̂_m), plus CLD's Normal part L_mm m / Σ_mm in ε units when mixed_score."""
@@ -87,7 +105,15 @@ class ScoreModel(nn.Module):
         t_scale = t.to(device=x.device, dtype=torch.promote_types(t.dtype, x.dtype))
         return self.sde.marginal_scale(t_scale)
 
+    def _noise_scale(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """SMLD's σ(t) [B] (VESDE.noise_scale), the divisor of score_sde's VE output."""
+        t_scale = t.to(device=x.device, dtype=torch.promote_types(t.dtype, x.dtype))
+        return self.sde.noise_scale(t_scale)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
+        if self.parameterization == "scale_by_sigma":  # score_sde: s = net / σ(t), as it was
+            sigma = self._noise_scale(x, t)
+            return self._net_out(x, t, y) / append_dims(sigma.to(x.dtype), x.ndim)
         scale = self._scale(x, t)
         return eps_to_score(self._eps(x, t, y, scale), scale.to(x.dtype))
 
@@ -103,10 +129,19 @@ def _refuse_momentum_head(sde, state_channels: int) -> None:
                      f"whole state)")
 
 
-def _check_score_args(sde, centered, time_input, mixed_score) -> None:
+def _check_score_args(sde, centered, time_input, mixed_score, parameterization="eps") -> None:
     if time_input not in _TIME_INPUTS:
         raise ValueError(f"ScoreModel: time_input must be one of {_TIME_INPUTS}, got "
                          f"{time_input!r}")
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"ScoreModel: parameterization must be one of {PARAMETERIZATIONS}, got "
+                         f"{parameterization!r} (a checkpoint's sidecar 'parameterization' from "
+                         f"a newer lsgm_edu? upgrade lsgm_edu)")
+    if parameterization == "scale_by_sigma" and (
+            sde is None or not hasattr(sde, "noise_scale") or mixed_score):
+        raise ValueError(f"ScoreModel: parameterization 'scale_by_sigma' is score_sde's VE "
+                         f"output (net / sigma(t)); it needs a VESDE and no mixed_score, got "
+                         f"{sde!r}, mixed_score={mixed_score}")
     if sde is not None and sde.K > 1 and not centered:
         raise ValueError("ScoreModel: phase-space SDEs take data centered in [-1, 1] "
                          "(data.centered: true); the 2x - 1 rescaling is for K = 1 only")
