@@ -409,7 +409,9 @@ JS_RENDER = """
       // (lsgm_edu.viz.solution_output gathers a solution's prints and figures into one)
       const reveals = o => {
         if (!shown(o)) return false;
-        if (Array.from(o.querySelectorAll('img, canvas, svg')).some(shown)) return true;
+        // a figure inside a closed <details> is hidden, whatever layout boxes it still reports
+        if (Array.from(o.querySelectorAll('img, canvas, svg'))
+            .some(e => shown(e) && !e.closest('details:not([open])'))) return true;
         const c = o.cloneNode(true);
         c.querySelectorAll('details:not([open]) > summary').forEach(x => x.remove());
         c.querySelectorAll('details:not([open])').forEach(x => x.replaceChildren());
@@ -422,7 +424,9 @@ JS_RENDER = """
                     outputs: c.model.outputs.length,
                     codeShown: shown(c.node.querySelector('.jp-InputArea-editor')),
                     outputShown: Array.from(c.node.querySelectorAll('.jp-OutputArea-output'))
-                      .some(reveals)}));
+                      .some(reveals),
+                    revealed: Array.from(c.node.querySelectorAll('.jp-OutputArea-output'))
+                      .filter(reveals).map(o => o.outerHTML.slice(0, 300))}));
     })(),
     links: md.flatMap(e => Array.from(e.querySelectorAll('a')))
       // an equation's own permalink "(n)" is an anchor, not a cross-reference
@@ -675,8 +679,13 @@ def check_rendered(page, checks: Checks, code: list[dict], live_widgets: bool,
     # output must itself be collapsed (a closed <details>, lsgm_edu.viz.solution_output).
     solutions = render.get("solutions", [])
     ran = live_widgets
-    shown = [s["title"] for s in solutions if not s["inputHidden"] or s["codeShown"]
-             or s["outputShown"] or (not ran and not s["outputHidden"])]
+    def why(s):  # what of a solution shows (empty: it is collapsed)
+        return ", ".join(w for w, bad in (
+            ("input not hidden", not s["inputHidden"]), ("code visible", s["codeShown"]),
+            (f"output visible: {s.get('revealed')}", s["outputShown"]),
+            ("output not hidden", not ran and not s["outputHidden"])) if bad)
+
+    shown = [f'{s["title"]} ({why(s)})' for s in solutions if why(s)]
     checks.check(not shown, "exercise solutions are collapsed (code and outputs)",
                  "shown: " + "; ".join(shown) if shown else
                  f"{len(solutions)} solution cell(s), "
