@@ -26,8 +26,11 @@ import os
 import sys
 from pathlib import Path
 
+# torch-free: image i of `sample` / `eval` / `generate` is drawn with derived_seed(seed, 8, i)
+from lsgm_edu.generate import IMAGE_SEED_STREAM as SAMPLE_SEED_STREAM
+from lsgm_edu.generate import is_lsgm_checkpoint, num_levels
+
 DEBUG_HELP = "on an error, print the traceback (for bug reports; also LSGM_EDU_DEBUG=1)"
-SAMPLE_SEED_STREAM = 8  # image i of `sample` / `eval` is drawn with derived_seed(seed, 8, i)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -77,15 +80,6 @@ def _write_json(obj, path) -> None:
     print(text)
 
 
-def _is_lsgm_checkpoint(path) -> bool:
-    """Whether a checkpoint's sidecar names an LSGM config (read without loading tensors)."""
-    try:
-        meta = json.loads(Path(path).read_text())
-        return meta["config"]["model"]["name"] == "lsgm"
-    except (OSError, ValueError, KeyError, TypeError):
-        return False  # the loader that runs next says what is wrong with the file
-
-
 def _lsgm_sample_grid(args) -> int:
 
     from lsgm_edu import lsgm
@@ -114,7 +108,7 @@ def cmd_sample(args) -> int:
 
     from lsgm_edu.train import load_score_model, save_image_grid
 
-    if _is_lsgm_checkpoint(args.checkpoint):
+    if is_lsgm_checkpoint(args.checkpoint):
         return _lsgm_sample_grid(args)
 
     model, cfg = load_score_model(args.checkpoint, device=args.device)
@@ -127,7 +121,7 @@ def cmd_sample(args) -> int:
     if args.class_label is not None:
         y = torch.full((args.n,), args.class_label, dtype=torch.long, device=args.device)
     # the images `eval` measures: per-image seeds, quantized by the training discretization
-    levels = _num_levels(cfg)
+    levels = num_levels(cfg)
     images = torch.cat(list(sample_batches(model, cfg, args.n, args.n, args.seed, args.device,
                                             y=y, progress=True)))
     path = save_image_grid(_to_8bit(images, levels).float() / 255, args.out)
@@ -189,12 +183,6 @@ def _load_model(args):
     return load_score_model(args.checkpoint, device=args.device)
 
 
-def _num_levels(cfg) -> int:
-    from lsgm_edu.data import DATASETS
-
-    return DATASETS[cfg.data.dataset].num_levels
-
-
 def _discretization(cfg) -> str:
     """The training discretization of cfg.data, which names the rounding rule back to levels."""
     return "dequantize" if cfg.data.dequantize else "scale"
@@ -221,7 +209,7 @@ def sample_batches(model, cfg, n, batch_size, seed, device, y=None, progress=Tru
     from lsgm_edu.train import derived_seed, sample_images
     from lsgm_edu.utils import PerSampleGenerators
 
-    levels, discretization = _num_levels(cfg), _discretization(cfg)
+    levels, discretization = num_levels(cfg), _discretization(cfg)
     one_batch = n <= batch_size  # then show the sampler's steps instead of the batches
     for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch",
                       disable=not progress or one_batch):
@@ -305,7 +293,7 @@ def cmd_eval(args) -> int:
         return cmd_eval_images(args)
     if args.checkpoint is None:
         raise UsageError("eval needs --checkpoint CKPT (or --images DIR, a generate folder)")
-    if args.metric == "nll" or _is_lsgm_checkpoint(args.checkpoint):
+    if args.metric == "nll" or is_lsgm_checkpoint(args.checkpoint):
         return _lsgm_eval(args)
     if args.metric == "bpd":  # the PF-ODE likelihood of test data, as `likelihood` computes it
         _, cfg = load_score_model(args.checkpoint)
@@ -316,7 +304,7 @@ def cmd_eval(args) -> int:
     model, cfg = _load_model(args)
     _override_sampling(cfg, args)
     n = args.num_samples or cfg.eval.num_samples
-    levels, discretization = _num_levels(cfg), _discretization(cfg)
+    levels, discretization = num_levels(cfg), _discretization(cfg)
     result = {"checkpoint": str(args.checkpoint), "config": cfg.name, "num_samples": n,
               "sampler": _sampler_info(cfg), "seed": args.seed}
     nfe: list[float] = []  # score evaluations per sample, one entry per batch

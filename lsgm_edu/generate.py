@@ -193,7 +193,8 @@ def sampling_config(cfg, method=None, steps=None, striding=None):
     return cfg
 
 
-def _num_levels(cfg) -> int:
+def num_levels(cfg) -> int:
+    """Grey levels of the config's data set (what samples are quantized back to)."""
     from lsgm_edu.data import DATASETS
 
     return DATASETS[cfg.data.dataset].num_levels
@@ -287,7 +288,7 @@ def sample_rows(score_model, sde, cfg, indices, seed: int, device=None, tol=None
     x, nfe = sample_images(score_model, sde, cfg.sampling, len(indices), eps=cfg.sampling.eps,
                            generator=generator, device=device, return_nfe=True)
     _refuse_non_finite(x, indices, cfg.sampling)
-    levels = _num_levels(cfg)
+    levels = num_levels(cfg)
     discretization = "dequantize" if cfg.data.dequantize else "scale"
     quantized = to_uint8(x, levels, discretization=discretization, centered=cfg.data.centered)
     return to_8bit(quantized, levels).cpu(), float(nfe)
@@ -839,7 +840,8 @@ def add_eval_images_options(p: argparse.ArgumentParser) -> None:
                         "--checkpoint); the result goes to --json or DIR/evaluation.json")
 
 
-def _is_lsgm_checkpoint(path) -> bool:
+def is_lsgm_checkpoint(path) -> bool:
+    """Whether a checkpoint's sidecar names an LSGM config (read without loading tensors)."""
     try:
         return _sidecar(path)["config"]["model"]["name"] == "lsgm"
     except (KeyError, TypeError):
@@ -862,7 +864,7 @@ def _load(checkpoint, ema: bool, device):
     """(model, sde, cfg) of a score-model or LSGM checkpoint, on `device`."""
     from lsgm_edu.train import load_lsgm, load_score_model
 
-    if _is_lsgm_checkpoint(checkpoint):
+    if is_lsgm_checkpoint(checkpoint):
         return load_lsgm(checkpoint, ema=ema, device=device)
     model, cfg = load_score_model(checkpoint, ema=ema, device=device)
     return model, model.sde, cfg
@@ -881,7 +883,7 @@ def cmd_generate(args) -> int:
     from lsgm_edu.train import setup_distributed
 
     tol = getattr(args, "tol", None)
-    if _is_lsgm_checkpoint(args.checkpoint):
+    if is_lsgm_checkpoint(args.checkpoint):
         _refuse_vae_stage(args.checkpoint)
     elif tol is not None:  # before torchrun's process group is set up
         raise ValueError(f"--tol {tol}: the latent PF-ODE tolerance of an LSGM; "

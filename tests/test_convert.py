@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,24 +34,15 @@ from lsgm_edu.registry import SDES
 from lsgm_edu.sde import VESDE
 from lsgm_edu.train import export_ema, load_score_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+# the rule under which the fixture's official outputs were computed
+from dump_score_sde_layout import official_weights
+
 FIXTURE = json.loads((Path(__file__).parent / "data" / "score_sde_layouts.json").read_text())
 PAPER, TINY = FIXTURE["paper"], FIXTURE["tiny"]
 
 
 # --- the official layout, written as score_sde_pytorch writes it ------------------------------
-
-
-def official_weights(layout, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded float32 values for every parameter of a layout: the rule of
-    tools/dump_score_sde_layout.py, under which the fixture's official outputs were computed."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, shape, kind in layout:
-        if kind == "buffer":
-            continue
-        w = torch.randn(shape, generator=g, dtype=torch.float32)
-        out[name] = w * (0.5 if len(shape) == 1 else 1 / math.sqrt(math.prod(shape[1:]) or 1))
-    return out
 
 
 def tiny_input(batch: int = 2) -> torch.Tensor:
